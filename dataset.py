@@ -1,0 +1,498 @@
+"""Files on disk to tensors: finding splits, reading NIfTI/PNG/JPG, preprocessing, caching, the demo data."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from utils import progress_bar
+
+from utils import UsageError, atomic_write
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+SPLIT_ALIASES = {
+    "train": ("train", "training"),
+    "validate": ("val", "valid", "validate", "validation"),
+    "test": ("test", "testing"),
+}
+DATA_FOLDERS = ("keras_slices_data", "keras_png_slices_data")
+CACHE_VERSION = 1
+Log = Callable[[str], None]
+
+
+@dataclass
+class Preprocessing:
+    """How every slice is brought to the network's input; saved in checkpoints so predict.py repeats it."""
+
+    image_size: tuple[int, int] | None = None  # (H, W); None = the most common shape in the training split
+    channels: int = 1
+    resize: str = "fit"  # "fit": scale to fit inside, then pad; "crop": scale to cover, then centre-crop
+    slice_axis: int = 2  # for 3D NIfTI volumes
+    percentiles: tuple[float, float] = (0.5, 99.5)  # robust intensity range for non-8-bit images
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Preprocessing":
+        values = dict(values)
+        for key in ("image_size", "percentiles"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+class BadFile(Exception):
+    """One file that cannot be used; it is skipped, counted and reported."""
+
+
+@dataclass
+class SliceSet:
+    """The preprocessed slices of one split: uint8 images [N, C, H, W] and their labels (-1 = no class folder)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    sources: list[str]  # the file each slice came from (with ":slice" for volumes)
+    class_names: list[str]
+    name: str = ""
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def as_float(self, index: slice | torch.Tensor) -> torch.Tensor:
+        return self.images[index].float().div_(255)
+
+
+@dataclass
+class DataSource:
+    """Where each split's files are, found from one --data folder."""
+
+    root: Path
+    files: dict[str, list[tuple[Path, str]]]  # split -> [(file, class name or "")]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def class_names(self) -> list[str]:
+        return sorted({label for files in self.files.values() for _, label in files if label})
+
+
+# ----------------------------------------------------------------------------- finding files
+
+def _is_image_file(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(NIFTI_SUFFIXES + PICTURE_SUFFIXES) and not name.startswith(".")
+
+
+def _split_of(folder_name: str) -> str | None:
+    name = folder_name.lower()
+    if "seg" in name:  # segmentation masks, never training images
+        return None
+    for split, aliases in SPLIT_ALIASES.items():
+        if any(name == alias or name.endswith(("_" + alias, "-" + alias)) for alias in aliases):
+            return split
+    return None
+
+
+def list_images(folder: Path) -> list[tuple[Path, str]]:
+    """Image files under a split folder, with the class subfolder (first level) as label; skips 'seg' folders."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if any("seg" in part.lower() for part in relative.parts[:-1]) or not path.is_file():
+            continue
+        if _is_image_file(path):
+            found.append((path, relative.parts[0] if len(relative.parts) > 1 else ""))
+    return found
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    folders: dict[str, Path] = {}
+    for child in sorted(p for p in root.iterdir() if p.is_dir()):
+        split = _split_of(child.name)
+        if split is None:
+            continue
+        if split in folders:
+            raise UsageError(f"{root}: both '{folders[split].name}' and '{child.name}' look like the {split} split; "
+                             "point --data at a folder with one of each")
+        folders[split] = child
+    return folders
+
+
+def _carve_validation(files: list[tuple[Path, str]], fraction: float) -> tuple[list, list]:
+    """Deterministic: files are ranked by a hash of their name, so the carve-out never depends on order or seed."""
+    ranked = sorted(files, key=lambda item: hashlib.sha1(str(item[0].name).encode()).hexdigest())
+    count = min(max(1, round(fraction * len(files))), len(files) - 1)
+    held_out = {path for path, _ in ranked[:count]}
+    return [f for f in files if f[0] not in held_out], [f for f in files if f[0] in held_out]
+
+
+def find_data(data_dir: str | Path, val_fraction: float = 0.1) -> DataSource:
+    """Find the train / validate / test files under data_dir (HipMRI, OASIS or generic layouts)."""
+    root = Path(data_dir).expanduser()
+    if not root.exists():
+        raise UsageError(f"{root}: data folder not found")
+    if not root.is_dir():
+        raise UsageError(f"{root}: --data must be a folder, this is a file")
+    notes: list[str] = []
+    folders = _split_folders(root)
+    if not folders:
+        nested = [root / name for name in DATA_FOLDERS if (root / name).is_dir()]
+        if len(nested) > 1:
+            raise UsageError(f"{root}: holds both {nested[0].name}/ and {nested[1].name}/; point --data at one of them")
+        if nested:
+            root = nested[0]
+            folders = _split_folders(root)
+    if "train" in folders:
+        files = {split: list_images(folder) for split, folder in folders.items()}
+        notes.append("splits: " + ", ".join(f"{split}={folder.name}/ ({len(files[split])} files)"
+                                            for split, folder in folders.items()))
+    else:
+        files = {"train": list_images(root)}
+        if folders:
+            raise UsageError(f"{root}: found {', '.join(f.name for f in folders.values())} but no training split")
+        notes.append(f"no split folders in {root}: using all its images for training")
+    if not files["train"]:
+        raise UsageError(f"{folders.get('train', root)}: no images found "
+                         f"(looked for {', '.join(NIFTI_SUFFIXES + PICTURE_SUFFIXES)})")
+    if not files.get("validate"):
+        if len(files["train"]) < 2:
+            raise UsageError(f"{root}: only one training image and no validation split; need at least two images")
+        files["train"], files["validate"] = _carve_validation(files["train"], val_fraction)
+        notes.append(f"no validation split: holding out {len(files['validate'])} training files "
+                     f"({val_fraction:.0%}, chosen by file-name hash, the same every run)")
+    if not files.get("test"):
+        files.pop("test", None)
+        notes.append("no test split found: predict.py will evaluate on the validation split")
+    return DataSource(root, files, notes)
+
+
+# ----------------------------------------------------------------------------- reading one file
+
+def _scale_robust(array: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    low, high = np.percentile(array, percentiles)
+    if high <= low:  # most pixels share one value: fall back to the full range
+        low, high = float(array.min()), float(array.max())
+    return np.clip((array - low) / (high - low), 0, 1)
+
+
+def _read_nifti(path: Path, prep: Preprocessing) -> list[tuple[np.ndarray, bool]]:
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    eight_bit = image.get_data_dtype() == np.uint8
+    volume = np.asarray(image.get_fdata(dtype=np.float32))
+    while volume.ndim > 2 and volume.shape[-1] == 1:
+        volume = volume[..., 0]
+    if volume.ndim == 2:
+        return [(volume, eight_bit)]
+    if volume.ndim != 3:
+        raise BadFile(f"has {volume.ndim} dimensions {volume.shape}; expected a 2D slice or a 3D volume")
+    if not -3 <= prep.slice_axis < 3:
+        raise UsageError(f"--slice-axis {prep.slice_axis} is out of range for 3D volume {path}")
+    slices = np.moveaxis(volume, prep.slice_axis, 0)
+    kept = [(s, eight_bit) for s in slices if np.isfinite(s).all() and s.max() > s.min()]
+    if not kept:
+        raise BadFile("is a 3D volume whose slices are all empty or constant")
+    return kept
+
+
+def _read_picture(path: Path, prep: Preprocessing) -> list[tuple[np.ndarray, bool]]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            array = np.asarray(image, dtype=np.float32)
+            return [(np.repeat(array[..., None], 3, axis=-1) if prep.channels == 3 else array, False)]
+        converted = image.convert("RGB" if prep.channels == 3 else "L")
+        return [(np.asarray(converted, dtype=np.float32), True)]
+
+
+def read_slices(path: Path, prep: Preprocessing) -> list[np.ndarray]:
+    """The 2D slices of one file as float32 [C, H, W] arrays in [0, 1], before resizing. Raises BadFile."""
+    reader = _read_nifti if path.name.lower().endswith(NIFTI_SUFFIXES) else _read_picture
+    try:
+        raw_slices = reader(path, prep)
+    except (BadFile, UsageError):
+        raise
+    except Exception as error:  # the decoders raise many types for damaged files
+        raise BadFile(f"cannot be read ({type(error).__name__}: {str(error).strip()[:120]})") from None
+    slices = []
+    for array, eight_bit in raw_slices:
+        if not np.isfinite(array).all():
+            raise BadFile("contains NaN or infinite pixel values")
+        if array.max() == array.min():
+            raise BadFile(f"is constant (every pixel is {array.flat[0]:g}): nothing to learn from")
+        scaled = array / 255.0 if eight_bit else _scale_robust(array, prep.percentiles)
+        if scaled.ndim == 2:
+            scaled = scaled[None]
+            if prep.channels == 3:
+                scaled = np.repeat(scaled, 3, axis=0)
+        else:
+            scaled = np.transpose(scaled, (2, 0, 1))
+        slices.append(scaled.astype(np.float32))
+    return slices
+
+
+def fit_to_shape(image: np.ndarray, shape: tuple[int, int], mode: str = "fit") -> np.ndarray:
+    """Resize [C, H, W] to shape without distorting the aspect ratio: fit inside and pad, or cover and crop."""
+    height, width = image.shape[-2:]
+    target_h, target_w = shape
+    ratios = (target_h / height, target_w / width)
+    scale = min(ratios) if mode == "fit" else max(ratios)
+    tensor = torch.from_numpy(np.ascontiguousarray(image))[None]
+    if scale != 1:
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        if mode == "fit":
+            size = (min(size[0], target_h), min(size[1], target_w))
+        else:
+            size = (max(size[0], target_h), max(size[1], target_w))
+        tensor = F.interpolate(tensor, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)
+    pad_h, pad_w = target_h - tensor.shape[-2], target_w - tensor.shape[-1]
+    # Negative padding crops: the same call centres either way.
+    tensor = F.pad(tensor, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return tensor[0].clamp_(0, 1).numpy()
+
+
+def slice_shape(path: Path, slice_axis: int) -> tuple[int, int] | None:
+    """The 2D shape of a file's slices from its header alone (None when unreadable)."""
+    try:
+        if path.name.lower().endswith(NIFTI_SUFFIXES):
+            import nibabel as nib
+
+            shape = [s for s in nib.load(str(path)).shape]
+            while len(shape) > 2 and shape[-1] == 1:
+                shape.pop()
+            if len(shape) == 3:
+                shape.pop(slice_axis)
+            return (shape[0], shape[1]) if len(shape) == 2 else None
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.height, image.width
+    except Exception:
+        return None
+
+
+def native_image_size(files: Sequence[tuple[Path, str]], multiple: int, slice_axis: int = 2) -> tuple[int, int]:
+    """The most common slice shape among files, rounded up to a multiple of the network's code cell."""
+    sample = files[:: max(1, len(files) // 500)]  # headers of a few hundred files are enough to find the mode
+    shapes = Counter(shape for path, _ in sample if (shape := slice_shape(path, slice_axis)) is not None)
+    if not shapes:
+        raise UsageError(f"none of the files in {files[0][0].parent} can be read")
+    height, width = shapes.most_common(1)[0][0]
+    return math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple
+
+
+# ----------------------------------------------------------------------------- loading and caching
+
+def _preprocess_file(path: Path, prep: Preprocessing, min_side: int) -> list[np.ndarray]:
+    slices = read_slices(path, prep)
+    height, width = slices[0].shape[-2:]
+    if min(height, width) < min_side:
+        raise BadFile(f"is {height}x{width}, smaller than the {min_side}x{min_side} the network needs")
+    return [np.round(fit_to_shape(s, prep.image_size, prep.resize) * 255).astype(np.uint8) for s in slices]
+
+
+def _cache_key(files: Sequence[tuple[Path, str]], prep: Preprocessing, min_side: int) -> str:
+    digest = hashlib.sha1(json.dumps([CACHE_VERSION, prep.to_dict(), min_side]).encode())
+    for path, label in files:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _decode_files(files: Sequence[tuple[Path, str]], prep: Preprocessing, min_side: int, description: str):
+    slices, sources, labels, skipped = [], [], [], []
+    with ThreadPoolExecutor(max_workers=4) as pool:  # decompression and decoding release the GIL
+        results = pool.map(lambda item: _try_preprocess(item[0], prep, min_side), files)
+        for (path, label), (result, problem) in progress_bar(zip(files, results), total=len(files), desc=description,
+                                                       unit="file"):
+            if problem is not None:
+                skipped.append(f"{path}: {problem}")
+                continue
+            slices.extend(result)
+            suffix = len(result) > 1
+            sources.extend(f"{path}:{i}" if suffix else str(path) for i in range(len(result)))
+            labels.extend([label] * len(result))
+    return slices, sources, labels, skipped
+
+
+def _try_preprocess(path: Path, prep: Preprocessing, min_side: int):
+    try:
+        return _preprocess_file(path, prep, min_side), None
+    except BadFile as problem:
+        return None, str(problem)
+
+
+def _report_skipped(split: str, skipped: list[str], total: int, log: Log) -> None:
+    if not skipped:
+        return
+    log(f"skipped {len(skipped)} of {total} files in the {split} split:")
+    for line in skipped[:10]:
+        log(f"  {line}")
+    if len(skipped) > 10:
+        log(f"  ... and {len(skipped) - 10} more")
+
+
+def load_split(source: DataSource, split: str, prep: Preprocessing, cache_dir: str | Path, min_side: int = 1,
+               log: Log = print) -> SliceSet:
+    """Preprocessed slices of one split, decoded once and then read from an on-disk uint8 cache."""
+    files = source.files[split]
+    cache_dir = Path(cache_dir)
+    key = _cache_key(files, prep, min_side)
+    images_path, index_path = cache_dir / f"{split}-{key}.npy", cache_dir / f"{split}-{key}.json"
+    if images_path.exists() and index_path.exists():
+        index = json.loads(index_path.read_text())
+        images = np.load(images_path, mmap_mode="r")
+        _report_skipped(split, index["skipped"], len(files), log)
+    else:
+        slices, sources, labels, skipped = _decode_files(files, prep, min_side, f"reading {split}")
+        _report_skipped(split, skipped, len(files), log)
+        if not slices:
+            first = f" (first problem: {skipped[0]})" if skipped else ""
+            raise UsageError(f"{source.root}: none of the {len(files)} files in the {split} split "
+                             f"could be used{first}")
+        images = np.stack(slices)
+        index = {"sources": sources, "labels": labels, "skipped": skipped}
+        atomic_write(images_path, lambda tmp: np.save(open(tmp, "wb"), images))
+        atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index)))
+    class_names = source.class_names
+    label_ids = [class_names.index(label) if label in class_names else -1 for label in index["labels"]]
+    return SliceSet(torch.from_numpy(np.ascontiguousarray(images)), torch.tensor(label_ids, dtype=torch.long),
+                    index["sources"], class_names, split)
+
+
+class BatchLoader:
+    """Batches of float images in [0, 1] from a SliceSet held in memory (on the GPU when it fits there).
+
+    Slicing one uint8 tensor is far faster than a DataLoader that collates per-item tensors.
+    """
+
+    def __init__(self, slices: SliceSet, batch_size: int, shuffle: bool, device: torch.device,
+                 seed: int = 0, drop_last: bool = False):
+        self.slices, self.batch_size, self.shuffle = slices, batch_size, shuffle
+        self.device, self.seed, self.drop_last, self.epoch = device, seed, drop_last, 0
+        self.images = slices.images
+        if device.type == "cuda" and slices.images.numel() < 0.25 * torch.cuda.mem_get_info(device)[0]:
+            self.images = slices.images.to(device)
+        elif device.type == "cuda":
+            self.images = slices.images.pin_memory()
+
+    def __len__(self) -> int:
+        count = len(self.images)
+        return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        count = len(self.images)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(count, generator=generator)
+        else:
+            order = torch.arange(count)
+        for batch in range(len(self)):
+            index = order[batch * self.batch_size:(batch + 1) * self.batch_size]
+            images = self.images[index.to(self.images.device)]
+            images = images.to(self.device, non_blocking=True).float().div_(255)
+            yield images, self.slices.labels[index].to(self.device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------- demo data
+
+DEMO_SHAPE = (128, 64)
+DEMO_COUNTS = {"train": 2000, "validate": 200, "test": 200}
+DEMO_SLICES_PER_CASE = 40
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cutoff: float) -> np.ndarray:
+    """Gaussian-filtered white noise via the FFT (cutoff in cycles per pixel), unit variance."""
+    frequency_y = np.fft.fftfreq(shape[0])[:, None]
+    frequency_x = np.fft.fftfreq(shape[1])[None, :]
+    spectrum = np.fft.fft2(rng.standard_normal(shape)) * np.exp(-(frequency_y**2 + frequency_x**2) / (2 * cutoff**2))
+    field = np.real(np.fft.ifft2(spectrum))
+    return field / (field.std() + 1e-8)
+
+
+def _ellipse(y: np.ndarray, x: np.ndarray, centre, radii, angle: float = 0.0) -> np.ndarray:
+    cos, sin = math.cos(angle), math.sin(angle)
+    dy, dx = y - centre[0], x - centre[1]
+    u, v = (dx * cos + dy * sin) / radii[1], (-dx * sin + dy * cos) / radii[0]
+    return u**2 + v**2
+
+
+def make_phantom(case_rng_seed: int, position: float, shape: tuple[int, int] = DEMO_SHAPE) -> np.ndarray:
+    """One pelvis-like MRI slice: body outline with a fat rim, organs, bones, texture, bias field, Rician noise.
+
+    position in [0, 1] moves through the case's volume, so neighbouring slices of a case look alike.
+    """
+    case = np.random.default_rng(case_rng_seed)
+    noise_rng = np.random.default_rng([case_rng_seed, int(position * 1000)])
+    height, width = shape
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    y, x = y / height, x / width  # unit coordinates
+    bulge = math.sin(math.pi * position)  # anatomy grows towards the middle of the volume
+    body_radii = (0.36 + 0.06 * bulge + 0.03 * case.random(), 0.40 + 0.05 * bulge + 0.04 * case.random())
+    body = _ellipse(y, x, (0.5, 0.5), body_radii)
+    image = np.where(body < 1, 0.45, 0.0)
+    image += np.where((body < 1) & (body > 0.78 - 0.05 * case.random()), 0.45, 0.0)  # subcutaneous fat
+    organs = [  # (centre, radii, intensity): bladder (fluid, bright), prostate, rectum (dark), muscles
+        ((0.38, 0.5), (0.09 + 0.05 * bulge, 0.13 + 0.05 * bulge), 0.95),
+        ((0.55, 0.5), (0.06 + 0.03 * bulge, 0.09 + 0.03 * bulge), 0.6),
+        ((0.70, 0.5), (0.05, 0.07), 0.15),
+        ((0.52, 0.22), (0.16, 0.08), 0.35),
+        ((0.52, 0.78), (0.16, 0.08), 0.35),
+    ]
+    for centre, radii, intensity in organs:
+        jitter = (centre[0] + 0.03 * case.standard_normal(), centre[1] + 0.02 * case.standard_normal())
+        inside = _ellipse(y, x, jitter, radii, angle=0.2 * case.standard_normal()) < 1
+        image = np.where(inside & (body < 0.8), intensity + 0.05 * case.standard_normal(), image)
+    for side in (0.25, 0.75):  # femoral heads: bright marrow inside a dark cortical ring
+        head = _ellipse(y, x, (0.55 + 0.02 * case.standard_normal(), side), (0.07 * bulge + 0.02, 0.09 * bulge + 0.03))
+        image = np.where(head < 1, 0.8, image)
+        image = np.where((head >= 0.7) & (head < 1), 0.08, image)
+    image *= 1 + 0.08 * _smooth_noise(noise_rng, shape, 0.08) * (image > 0)  # tissue texture
+    bias = 1 + 0.25 * (y - 0.5) * case.standard_normal() + 0.25 * (x - 0.5) * case.standard_normal()
+    image *= bias * (1 + 0.15 * _smooth_noise(case, shape, 0.01))  # smooth coil bias field
+    sigma = 0.03
+    real = image + sigma * noise_rng.standard_normal(shape)
+    imaginary = sigma * noise_rng.standard_normal(shape)
+    magnitude = np.sqrt(real**2 + imaginary**2)  # Rician noise, as in magnitude MRI
+    return (magnitude * (800 + 400 * case.random())).astype(np.float32)  # arbitrary scanner units
+
+
+def make_demo_data(root: str | Path, counts: dict[str, int] | None = None, shape: tuple[int, int] = DEMO_SHAPE,
+                   seed: int = 0, log: Log = print) -> Path:
+    """Write the synthetic phantom set once, deterministically, as 2D NIfTI in the HipMRI layout."""
+    import nibabel as nib
+
+    counts = counts or DEMO_COUNTS
+    data_dir = Path(root) / "keras_slices_data"
+    marker = data_dir / ".complete.json"
+    settings = {"counts": counts, "shape": list(shape), "seed": seed, "version": 1}
+    if marker.exists() and json.loads(marker.read_text()) == settings:
+        return data_dir
+    log(f"generating the built-in demo data (synthetic pelvis-like MRI phantoms) in {data_dir} ...")
+    case_offset = {"train": 0, "validate": 10_000, "test": 20_000}
+    for split, count in counts.items():
+        folder = data_dir / f"keras_slices_{split}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in progress_bar(range(count), desc=f"demo {split}", unit="slice"):
+            case, slice_index = divmod(index, DEMO_SLICES_PER_CASE)
+            image = make_phantom(seed * 1_000_003 + case_offset[split] + case, slice_index / DEMO_SLICES_PER_CASE,
+                                 shape)
+            path = folder / f"case_{case:03d}_week_0_slice_{slice_index}.nii.gz"
+            nib.save(nib.Nifti1Image(image, np.eye(4)), str(path))  # the marker, written last, vouches for all
+    atomic_write(marker, lambda tmp: Path(tmp).write_text(json.dumps(settings)))
+    return data_dir

@@ -1,0 +1,254 @@
+"""The networks: Encoder, VectorQuantizer, Decoder and the VQVAE that joins them."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class VQVAEConfig:
+    in_channels: int = 1
+    hidden_channels: int = 128
+    residual_channels: int = 64
+    num_residual_layers: int = 2
+    downsamples: int = 2  # each halves height and width: codes are 2**downsamples times smaller per side
+    num_embeddings: int = 512  # K, the codebook size
+    embedding_dim: int = 64  # D, the length of each code vector
+    beta: float = 0.25  # weight of the commitment loss
+    quantizer: str = "ema"  # "ema" (moving-average codebook) or "gradient" (codebook trained by its loss)
+    ema_decay: float = 0.99
+    ema_epsilon: float = 1e-5
+    dead_code_threshold: float = 1.0  # re-seed codes whose moving-average use per step falls below this; 0 = never
+    normalization: str = "none"  # "none" or "group": GroupNorm in the convolutional blocks
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "VQVAEConfig":
+        known = {field.name for field in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model settings: {sorted(unknown)}")
+        return cls(**values)
+
+    @property
+    def scale(self) -> int:
+        return 2**self.downsamples
+
+
+def _norm(channels: int, kind: str) -> nn.Module:
+    if kind == "group":
+        return nn.GroupNorm(min(32, channels // 4) or 1, channels)
+    return nn.Identity()
+
+
+class ResidualLayer(nn.Module):
+    """x + 1x1(ReLU(3x3(ReLU(x))))."""
+
+    def __init__(self, channels: int, residual_channels: int, normalization: str):
+        super().__init__()
+        self.block = nn.Sequential(
+            _norm(channels, normalization), nn.ReLU(),
+            nn.Conv2d(channels, residual_channels, 3, padding=1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(residual_channels, channels, 1, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class ResidualStack(nn.Sequential):
+    def __init__(self, channels: int, residual_channels: int, num_layers: int, normalization: str):
+        layers = [ResidualLayer(channels, residual_channels, normalization) for _ in range(num_layers)]
+        super().__init__(*layers, nn.ReLU())
+
+
+class Encoder(nn.Module):
+    """Strided 4x4 convolutions (each halves the size), a 3x3 convolution, a residual stack, a 1x1 to D channels."""
+
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        hidden = config.hidden_channels
+        widths = [max(hidden // 2 ** (config.downsamples - 1 - step), 16) for step in range(config.downsamples)]
+        layers: list[nn.Module] = []
+        channels = config.in_channels
+        for step, width in enumerate(widths):
+            layers.append(nn.Conv2d(channels, width, 4, stride=2, padding=1))
+            if step < len(widths) - 1:
+                layers += [_norm(width, config.normalization), nn.ReLU()]
+            channels = width
+        layers += [
+            nn.ReLU(),
+            nn.Conv2d(channels, hidden, 3, padding=1),
+            ResidualStack(hidden, config.residual_channels, config.num_residual_layers, config.normalization),
+            nn.Conv2d(hidden, config.embedding_dim, 1),
+        ]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images)
+
+
+class Decoder(nn.Module):
+    """The encoder's mirror: a 3x3 convolution, a residual stack, then 4x4 transposed convolutions back to pixels."""
+
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        hidden = config.hidden_channels
+        widths = [max(hidden // 2 ** (step + 1), 16) for step in range(config.downsamples - 1)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(config.embedding_dim, hidden, 3, padding=1),
+            ResidualStack(hidden, config.residual_channels, config.num_residual_layers, config.normalization),
+        ]
+        channels = hidden
+        for width in widths:
+            layers += [nn.ConvTranspose2d(channels, width, 4, stride=2, padding=1),
+                       _norm(width, config.normalization), nn.ReLU()]
+            channels = width
+        layers.append(nn.ConvTranspose2d(channels, config.in_channels, 4, stride=2, padding=1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.layers(latents)
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code quantisation with a straight-through gradient.
+
+    forward(latents [B, D, H, W]) -> (quantized [B, D, H, W], indices [B, H, W], loss).
+    With quantizer="ema" the codebook follows moving averages of the encoder outputs assigned to each code
+    (Laplace-smoothed cluster sizes) and the loss is only beta * commitment; with "gradient" the loss is
+    codebook loss + beta * commitment. Either way, codes whose moving-average use falls below
+    dead_code_threshold are re-seeded from encoder outputs of the current batch. Computes in float32.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, beta: float = 0.25, quantizer: str = "ema",
+                 ema_decay: float = 0.99, ema_epsilon: float = 1e-5, dead_code_threshold: float = 1.0):
+        super().__init__()
+        if quantizer not in ("ema", "gradient"):
+            raise ValueError(f"quantizer must be 'ema' or 'gradient', got {quantizer!r}")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.beta, self.use_ema = beta, quantizer == "ema"
+        self.ema_decay, self.ema_epsilon = ema_decay, ema_epsilon
+        self.dead_code_threshold = dead_code_threshold
+        initial = torch.empty(num_embeddings, embedding_dim).uniform_(-1 / num_embeddings, 1 / num_embeddings)
+        self.embedding = nn.Parameter(initial, requires_grad=not self.use_ema)
+        # Moving-average use of each code per step; starting at zero makes every code "dead" at the first
+        # training step, so the whole codebook is seeded from real encoder outputs.
+        self.register_buffer("cluster_size", torch.zeros(num_embeddings))
+        self.register_buffer("embedding_sum", initial.clone())
+
+    def nearest_codes(self, flat: torch.Tensor) -> torch.Tensor:
+        codebook = self.embedding.float()
+        # |x|^2 is the same for every code, so argmin needs only |e|^2 - 2 x.e: one fused matrix product.
+        distances = torch.addmm(codebook.pow(2).sum(1)[None, :], flat, codebook.t(), alpha=-2.0)
+        return distances.argmin(dim=1)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code vectors for indices [B, H, W] as a [B, D, H, W] tensor."""
+        return F.embedding(indices, self.embedding.float()).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            latents = latents.float()
+            batch, _, height, width = latents.shape
+            flat = latents.permute(0, 2, 3, 1).reshape(-1, self.embedding_dim)
+            if self.training:
+                self._restart_dead_codes(flat.detach())
+            indices = self.nearest_codes(flat.detach())
+            if self.training and self.use_ema:
+                self._ema_update(flat.detach(), indices)
+            elif self.training:
+                self._track_usage(indices)
+            indices = indices.view(batch, height, width)
+            quantized = self.lookup(indices)
+            loss = self.beta * F.mse_loss(latents, quantized.detach())
+            if not self.use_ema:
+                loss = loss + F.mse_loss(quantized, latents.detach())
+            quantized = latents + (quantized - latents).detach()  # straight-through estimator
+        return quantized, indices, loss
+
+    def _code_counts(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.bincount(indices, minlength=self.num_embeddings).float()
+
+    def _track_usage(self, indices: torch.Tensor) -> None:
+        self.cluster_size.mul_(self.ema_decay).add_(self._code_counts(indices), alpha=1 - self.ema_decay)
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
+        self._track_usage(indices)
+        assigned_sum = torch.zeros_like(self.embedding_sum).index_add_(0, indices, flat)
+        self.embedding_sum.mul_(self.ema_decay).add_(assigned_sum, alpha=1 - self.ema_decay)
+        total = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.ema_epsilon) / (total + self.num_embeddings * self.ema_epsilon) * total
+        self.embedding.data.copy_(self.embedding_sum / smoothed.unsqueeze(1))
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+        if self.dead_code_threshold <= 0:
+            return
+        dead = self.cluster_size < self.dead_code_threshold
+        num_dead = int(dead.sum())
+        if num_dead == 0:
+            return
+        choice = torch.randint(0, flat.shape[0], (num_dead,), device=flat.device)
+        new_codes = flat[choice]
+        self.embedding.data[dead] = new_codes
+        # A restarted code starts at the threshold so it survives a few steps to win vectors of its own.
+        self.cluster_size[dead] = self.dead_code_threshold
+        self.embedding_sum[dead] = new_codes * self.dead_code_threshold
+
+    @torch.no_grad()
+    def kmeans_init(self, vectors: torch.Tensor, iterations: int = 10) -> None:
+        """Set the codebook to k-means centres of encoder outputs [N, D] (N >= K)."""
+        vectors = vectors.float()
+        centres = vectors[torch.randperm(len(vectors), device=vectors.device)[: self.num_embeddings]].clone()
+        for _ in range(iterations):
+            self.embedding.data.copy_(centres)
+            assignment = self.nearest_codes(vectors)
+            counts = self._code_counts(assignment)
+            sums = torch.zeros_like(centres).index_add_(0, assignment, vectors)
+            used = counts > 0
+            centres[used] = sums[used] / counts[used, None]
+        self.embedding.data.copy_(centres)
+        counts = self._code_counts(self.nearest_codes(vectors))
+        # Expressed as use per step of a batch of this size, so dead-code restarts leave these codes alone.
+        self.cluster_size.copy_(counts.clamp_min(self.dead_code_threshold))
+        self.embedding_sum.copy_(centres * self.cluster_size[:, None])
+
+
+class VQVAE(nn.Module):
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quantizer = VectorQuantizer(config.num_embeddings, config.embedding_dim, config.beta, config.quantizer,
+                                         config.ema_decay, config.ema_epsilon, config.dead_code_threshold)
+        self.decoder = Decoder(config)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Continuous latents [B, D, H/s, W/s] (s = 2**downsamples)."""
+        return self.encoder(images)
+
+    def quantize(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.quantizer(latents)
+
+    def decode(self, quantized: torch.Tensor) -> torch.Tensor:
+        return self.decoder(quantized)
+
+    def decode_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Images from a map of code indices [B, h, w]."""
+        return self.decode(self.quantizer.lookup(indices))
+
+    def code_map(self, images: torch.Tensor) -> torch.Tensor:
+        return self.quantize(self.encode(images))[1]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (reconstruction, code indices, vq loss)."""
+        quantized, indices, vq_loss = self.quantize(self.encode(images))
+        return self.decode(quantized), indices, vq_loss
