@@ -368,7 +368,7 @@ def load_split(source: DataSource, split: str, prep: Preprocessing, cache_dir: s
         atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index)))
     class_names = source.class_names
     label_ids = [class_names.index(label) if label in class_names else -1 for label in index["labels"]]
-    return SliceSet(torch.from_numpy(np.ascontiguousarray(images)), torch.tensor(label_ids, dtype=torch.long),
+    return SliceSet(torch.from_numpy(np.array(images)), torch.tensor(label_ids, dtype=torch.long),
                     index["sources"], class_names, split)
 
 
