@@ -64,6 +64,7 @@ class SliceSet:
     sources: list[str]  # the file each slice came from (with ":slice" for volumes)
     class_names: list[str]
     name: str = ""
+    cache_key: str = ""  # identifies the files and preprocessing, for caches derived from these slices
 
     def __len__(self) -> int:
         return len(self.images)
@@ -344,6 +345,14 @@ def _report_skipped(split: str, skipped: list[str], total: int, log: Log) -> Non
         log(f"  ... and {len(skipped) - 10} more")
 
 
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+
+    atomic_write(path, write)
+
+
 def load_split(source: DataSource, split: str, prep: Preprocessing, cache_dir: str | Path, min_side: int = 1,
                log: Log = print) -> SliceSet:
     """Preprocessed slices of one split, decoded once and then read from an on-disk uint8 cache."""
@@ -364,39 +373,45 @@ def load_split(source: DataSource, split: str, prep: Preprocessing, cache_dir: s
                              f"could be used{first}")
         images = np.stack(slices)
         index = {"sources": sources, "labels": labels, "skipped": skipped}
-        atomic_write(images_path, lambda tmp: np.save(open(tmp, "wb"), images))
+        save_npy(images_path, images)
         atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index)))
     class_names = source.class_names
     label_ids = [class_names.index(label) if label in class_names else -1 for label in index["labels"]]
     return SliceSet(torch.from_numpy(np.array(images)), torch.tensor(label_ids, dtype=torch.long),
-                    index["sources"], class_names, split)
+                    index["sources"], class_names, split, key)
+
+
+def unit_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div_(255)
 
 
 class BatchLoader:
-    """Batches of float images in [0, 1] from a SliceSet held in memory (on the GPU when it fits there).
+    """Batches (data, labels) from tensors held in memory (on the GPU when they fit there).
 
-    Slicing one uint8 tensor is far faster than a DataLoader that collates per-item tensors.
+    Slicing one uint8 tensor is far faster than a DataLoader that collates per-item tensors. `convert` turns a
+    stored batch into what the model takes (by default uint8 images to floats in [0, 1]).
     """
 
-    def __init__(self, slices: SliceSet, batch_size: int, shuffle: bool, device: torch.device,
-                 seed: int = 0, drop_last: bool = False):
-        self.slices, self.batch_size, self.shuffle = slices, batch_size, shuffle
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
+                 device: torch.device, seed: int = 0, drop_last: bool = False,
+                 convert: Callable[[torch.Tensor], torch.Tensor] = unit_float):
+        self.labels, self.batch_size, self.shuffle, self.convert = labels, batch_size, shuffle, convert
         self.device, self.seed, self.drop_last, self.epoch = device, seed, drop_last, 0
-        self.images = slices.images
-        if device.type == "cuda" and slices.images.numel() < 0.25 * torch.cuda.mem_get_info(device)[0]:
-            self.images = slices.images.to(device)
+        self.data = data
+        if device.type == "cuda" and data.numel() * data.element_size() < 0.25 * torch.cuda.mem_get_info(device)[0]:
+            self.data = data.to(device)
         elif device.type == "cuda":
-            self.images = slices.images.pin_memory()
+            self.data = data.pin_memory()
 
     def __len__(self) -> int:
-        count = len(self.images)
+        count = len(self.data)
         return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        count = len(self.images)
+        count = len(self.data)
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(count, generator=generator)
@@ -404,9 +419,8 @@ class BatchLoader:
             order = torch.arange(count)
         for batch in range(len(self)):
             index = order[batch * self.batch_size:(batch + 1) * self.batch_size]
-            images = self.images[index.to(self.images.device)]
-            images = images.to(self.device, non_blocking=True).float().div_(255)
-            yield images, self.slices.labels[index].to(self.device, non_blocking=True)
+            data = self.data[index.to(self.data.device)].to(self.device, non_blocking=True)
+            yield self.convert(data), self.labels[index].to(self.device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- demo data

@@ -252,3 +252,155 @@ class VQVAE(nn.Module):
         """Returns (reconstruction, code indices, vq loss)."""
         quantized, indices, vq_loss = self.quantize(self.encode(images))
         return self.decode(quantized), indices, vq_loss
+
+
+# ----------------------------------------------------------------------------- the prior over code maps
+
+@dataclass
+class PriorConfig:
+    num_embeddings: int = 512  # K of the VQ-VAE whose codes are modelled
+    hidden_channels: int = 128
+    num_layers: int = 12
+    kernel_size: int = 3  # odd; the vertical stack sees kernel_size // 2 rows more per layer
+    num_classes: int = 0  # > 0: condition on a class label
+    output_channels: int = 256
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PriorConfig":
+        unknown = set(values) - {field.name for field in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown prior settings: {sorted(unknown)}")
+        return cls(**values)
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A convolution whose kernel is multiplied by a fixed 0/1 mask (so masked taps never learn or leak)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, int], padding: tuple[int, int],
+                 mask: torch.Tensor):
+        super().__init__(in_channels, out_channels, kernel, padding=padding)
+        self.register_buffer("mask", mask.view(1, 1, *kernel), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight * self.mask, self.bias)
+
+
+def _gate(x: torch.Tensor) -> torch.Tensor:
+    value, gate = x.chunk(2, dim=1)
+    return torch.tanh(value) * torch.sigmoid(gate)
+
+
+class GatedLayer(nn.Module):
+    """One gated layer with a vertical stack (rows above) and a horizontal stack (left in the row).
+
+    The vertical convolution covers rows i - k//2 .. i and is cropped to the input's height; in the first layer its
+    last kernel row is masked, so it sees only rows above, and so does every later vertical output. The horizontal
+    convolution covers columns j - k//2 .. j; in the first layer its last tap is masked so the current position is
+    never seen. The vertical stack feeds the horizontal one through a 1x1 convolution: no blind spot.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, first: bool, num_classes: int):
+        super().__init__()
+        half = kernel_size // 2
+        vertical_mask = torch.ones(half + 1, kernel_size)
+        horizontal_mask = torch.ones(1, half + 1)
+        if first:
+            vertical_mask[-1] = 0
+            horizontal_mask[0, -1] = 0
+        self.first = first
+        self.vertical = MaskedConv2d(channels, 2 * channels, (half + 1, kernel_size), (half, half), vertical_mask)
+        self.horizontal = MaskedConv2d(channels, 2 * channels, (1, half + 1), (0, half), horizontal_mask)
+        self.vertical_to_horizontal = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.horizontal_out = nn.Conv2d(channels, channels, 1)
+        self.condition = nn.Embedding(num_classes, 4 * channels) if num_classes > 0 else None
+
+    def _conditions(self, labels: torch.Tensor | None) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        if self.condition is None or labels is None:
+            return 0.0, 0.0
+        vertical, horizontal = self.condition(labels)[:, :, None, None].chunk(2, dim=1)
+        return vertical, horizontal
+
+    def vertical_step(self, x_vertical: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (vertical output, pre-gate vertical features that feed the horizontal stack)."""
+        features = self.vertical(x_vertical)[:, :, : x_vertical.shape[2]]
+        condition, _ = self._conditions(labels)
+        return _gate(features + condition), features
+
+    def horizontal_step(self, x_horizontal: torch.Tensor, vertical_features: torch.Tensor,
+                        labels: torch.Tensor | None) -> torch.Tensor:
+        features = self.horizontal(x_horizontal)[:, :, :, : x_horizontal.shape[3]]
+        _, condition = self._conditions(labels)
+        out = self.horizontal_out(_gate(features + self.vertical_to_horizontal(vertical_features) + condition))
+        return out if self.first else out + x_horizontal  # residual (the first layer's input is the current code)
+
+
+class GatedPixelCNN(nn.Module):
+    """Autoregressive prior over code maps (van den Oord et al. 2016, gated PixelCNN with two stacks).
+
+    forward(codes [B, H, W] long, labels [B] long or None) -> logits [B, K, H, W]; logits at (i, j) depend only on
+    codes before (i, j) in raster order.
+    """
+
+    def __init__(self, config: PriorConfig):
+        super().__init__()
+        self.config = config
+        channels = config.hidden_channels
+        self.embedding = nn.Embedding(config.num_embeddings, channels)
+        self.layers = nn.ModuleList(GatedLayer(channels, config.kernel_size, index == 0, config.num_classes)
+                                    for index in range(config.num_layers))
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, config.output_channels, 1), nn.ReLU(),
+                                  nn.Conv2d(config.output_channels, config.num_embeddings, 1))
+
+    @property
+    def vertical_reach(self) -> int:
+        """How many rows above a position can influence its logits."""
+        return self.config.num_layers * (self.config.kernel_size // 2) + 1
+
+    def _embed(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.embedding(codes).permute(0, 3, 1, 2)
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        x_vertical = x_horizontal = self._embed(codes)
+        for layer in self.layers:
+            x_vertical, features = layer.vertical_step(x_vertical, labels)
+            x_horizontal = layer.horizontal_step(x_horizontal, features, labels)
+        return self.head(x_horizontal)
+
+    def _vertical_features(self, window: torch.Tensor, labels: torch.Tensor | None) -> list[torch.Tensor]:
+        """Each layer's vertical features on the last row of a window of code rows (that row's own codes unused)."""
+        x_vertical = self._embed(window)
+        row_features = []
+        for layer in self.layers:
+            x_vertical, features = layer.vertical_step(x_vertical, labels)
+            row_features.append(features[:, :, -1:])
+        return row_features
+
+    def _row_logits(self, row: torch.Tensor, row_features: list[torch.Tensor], labels: torch.Tensor | None,
+                    ) -> torch.Tensor:
+        x_horizontal = self._embed(row)
+        for layer, features in zip(self.layers, row_features):
+            x_horizontal = layer.horizontal_step(x_horizontal, features, labels)
+        return self.head(x_horizontal)[:, :, 0]  # [B, K, W]
+
+    @torch.inference_mode()
+    def sample(self, batch_size: int, shape: tuple[int, int], labels: torch.Tensor | None = None,
+               temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Code maps [B, H, W] drawn in raster order, all B at once.
+
+        The vertical stack of row i depends only on rows above, so it runs once per row (over the few rows it can
+        see); within the row only the one-row horizontal stack runs again for each position.
+        """
+        height, width = shape
+        device = self.embedding.weight.device
+        codes = torch.zeros(batch_size, height, width, dtype=torch.long, device=device)
+        for i in range(height):
+            top = max(0, i - self.vertical_reach)
+            row_features = self._vertical_features(codes[:, top: i + 1], labels)
+            for j in range(width):
+                logits = self._row_logits(codes[:, i: i + 1], row_features, labels)[:, :, j]
+                probabilities = torch.softmax(logits.float() / max(temperature, 1e-6), dim=1)
+                codes[:, i, j] = torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+        return codes

@@ -1,20 +1,24 @@
-"""Evaluate a trained VQ-VAE on the test split and draw what it does.
+"""Evaluate a trained VQ-VAE (or PixelCNN prior) on the test split and draw what it does.
 
     python predict.py -m checkpoints/<run>.pth [--data DIR] [--metrics-json metrics.json]
+    python predict.py -m checkpoints/<run>-prior.pth --sample 16 [--temperature 1.0] [--label CLASS]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 import utils
-from dataset import BatchLoader, Preprocessing, find_data, load_split, make_demo_data
-from modules import VQVAE, VQVAEConfig
-from train import evaluate, save_reconstructions
+from dataset import BatchLoader, Preprocessing, find_data, load_split
+from modules import GatedPixelCNN, PriorConfig
+from train import code_loader, encode_split, evaluate, evaluate_prior, load_vqvae, resolve_data_dir, \
+    save_reconstructions, vqvae_fingerprint
 from utils import UsageError
 
 
@@ -30,30 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--cache-dir", default=".cache/slices")
     parser.add_argument("--resources-dir", default="resources", help="figures go to <resources-dir>/<checkpoint>/")
+    sampling = parser.add_argument_group("prior checkpoints")
+    sampling.add_argument("--sample", type=int, default=0, metavar="N", help="generate N new slices")
+    sampling.add_argument("--temperature", type=float, default=1.0, help="below 1: safer, less varied samples")
+    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--label", help="class to generate (conditional priors); default: cycle through classes")
+    sampling.add_argument("--vqvae", help="the prior's VQ-VAE checkpoint, if it has moved since training")
     return parser.parse_args(argv)
-
-
-def load_vqvae(path: str | Path, device: torch.device) -> tuple[VQVAE, dict]:
-    """Rebuild a VQ-VAE from its checkpoint alone."""
-    checkpoint = utils.load_checkpoint(path, expected_kind="vqvae")
-    try:
-        model = VQVAE(VQVAEConfig.from_dict(checkpoint["config"]))
-        model.load_state_dict(checkpoint["model"])
-    except (ValueError, TypeError, RuntimeError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0][:160]
-        raise UsageError(f"{path}: checkpoint does not match this version's model ({first_line})") from None
-    return model.to(device).eval(), checkpoint
-
-
-def resolve_data_dir(args_data: str | None, checkpoint: dict) -> Path:
-    if args_data is not None:
-        return Path(args_data)
-    recorded = checkpoint.get("data", {})
-    if recorded.get("demo"):  # regenerated if deleted: it is deterministic
-        return make_demo_data(Path(recorded["root"]).parent)
-    if "root" not in recorded:
-        raise UsageError("the checkpoint does not record its data folder: pass --data")
-    return Path(recorded["root"])
 
 
 def choose_split(available: dict, wanted: str) -> str:
@@ -68,12 +55,14 @@ def choose_split(available: dict, wanted: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = utils.pick_device(args.device)
+    if utils.load_checkpoint(args.model)["kind"] == "prior":
+        return predict_prior(args, device)
     model, checkpoint = load_vqvae(args.model, device)
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
     source = find_data(resolve_data_dir(args.data, checkpoint))
     split = choose_split(source.files, args.split)
     slices = load_split(source, split, prep, args.cache_dir, min_side=model.config.scale)
-    loader = BatchLoader(slices, args.batch_size, shuffle=False, device=device)
+    loader = BatchLoader(slices.images, slices.labels, args.batch_size, shuffle=False, device=device)
     results = evaluate(model, loader, description=split)
 
     ssim = results["ssim_per_image"]
@@ -96,6 +85,97 @@ def main(argv: list[str] | None = None) -> dict:
                                  f"code use on the {split} split: {metrics['codebook_usage']:.0%} of "
                                  f"{model.config.num_embeddings} codes used")
     print(f"figures in {figures}/")
+    return metrics
+
+
+def load_prior(path: str | Path, device: torch.device, vqvae_path: str | None) -> tuple[GatedPixelCNN, dict, tuple]:
+    """The prior, its checkpoint, and its VQ-VAE (model, checkpoint), refusing a VQ-VAE whose codes differ."""
+    checkpoint = utils.load_checkpoint(path, expected_kind="prior")
+    try:
+        prior = GatedPixelCNN(PriorConfig.from_dict(checkpoint["config"]))
+        prior.load_state_dict(checkpoint["model"])
+    except (ValueError, TypeError, RuntimeError, KeyError) as error:
+        raise UsageError(f"{path}: checkpoint does not match this version's prior ({str(error)[:160]})") from None
+    vqvae_path = vqvae_path or checkpoint["vqvae"]["path"]
+    vqvae, vqvae_checkpoint = load_vqvae(vqvae_path, device)
+    if vqvae_fingerprint(vqvae) != checkpoint["vqvae"]["fingerprint"]:
+        raise UsageError(f"{path}: this prior was trained on the codes of another VQ-VAE than {vqvae_path} "
+                         "(its weights differ); pass the right one with --vqvae or retrain the prior")
+    return prior.to(device).eval(), checkpoint, (vqvae, vqvae_checkpoint)
+
+
+def sample_labels(args: argparse.Namespace, checkpoint: dict, device: torch.device) -> torch.Tensor | None:
+    if not checkpoint["conditional"]:
+        if args.label:
+            raise UsageError(f"--label {args.label}: this prior is unconditional (its data had no class folders)")
+        return None
+    names = checkpoint["class_names"]
+    if args.label is None:
+        return torch.arange(args.sample, device=device) % len(names)
+    if args.label not in names:
+        raise UsageError(f"--label {args.label}: not a class of this prior ({', '.join(names)})")
+    return torch.full((args.sample,), names.index(args.label), device=device)
+
+
+def nearest_slices(samples: torch.Tensor, slices) -> torch.Tensor:
+    """For each sample, the training slice closest in pixels (to show the prior is not copying)."""
+    flat_samples = samples.flatten(1).cpu()
+    best = torch.full((len(samples),), float("inf"))
+    nearest = torch.zeros(len(samples), dtype=torch.long)
+    for start in range(0, len(slices), 1024):
+        chunk = slices.as_float(slice(start, start + 1024)).flatten(1)
+        distance, index = torch.cdist(flat_samples, chunk).min(dim=1)
+        better = distance < best
+        best[better], nearest[better] = distance[better], index[better] + start
+    return slices.as_float(nearest)
+
+
+def generate(args: argparse.Namespace, prior: GatedPixelCNN, checkpoint: dict, vqvae, device: torch.device,
+             ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(codes, decoded slices, seconds the sampling took)."""
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    labels = sample_labels(args, checkpoint, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    codes = prior.sample(args.sample, tuple(checkpoint["code_shape"]), labels, args.temperature, generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    with torch.inference_mode():
+        images = vqvae.decode_codes(codes).float().clamp(0, 1)
+    return codes, images, seconds
+
+
+def predict_prior(args: argparse.Namespace, device: torch.device) -> dict:
+    prior, checkpoint, (vqvae, vqvae_checkpoint) = load_prior(args.model, device, args.vqvae)
+    prep = Preprocessing.from_dict(vqvae_checkpoint["preprocessing"])
+    source = find_data(resolve_data_dir(args.data, vqvae_checkpoint))
+    split = choose_split(source.files, args.split)
+    slices = load_split(source, split, prep, args.cache_dir, min_side=vqvae.config.scale)
+    codes = encode_split(vqvae, slices, device, args.cache_dir)
+    loader = code_loader(codes, slices.labels, args.batch_size, False, device)
+    nll = evaluate_prior(prior, loader, checkpoint["conditional"])
+    uniform = math.log2(prior.config.num_embeddings)
+    metrics = {"nll_bits_per_code": nll, "uniform_bits_per_code": uniform, "num_images": len(slices), "split": split}
+    print(f"{split} split, {len(slices)} code maps: NLL {nll:.3f} bits per code ({nll / uniform:.0%} of the "
+          f"{uniform:.2f} bits of uniform guessing)")
+    figures = Path(args.resources_dir) / Path(args.model).stem
+    if args.sample > 0:
+        sampled_codes, images, seconds = generate(args, prior, checkpoint, vqvae, device)
+        metrics["sample_seconds"] = seconds
+        print(f"sampled {args.sample} code maps of {tuple(checkpoint['code_shape'])} in {seconds:.2f}s on {device}")
+        train_slices = load_split(source, "train", prep, args.cache_dir, min_side=vqvae.config.scale)
+        utils.save_image_grid(figures / "samples.png", images, title=f"{args.sample} generated slices "
+                              f"(temperature {args.temperature:g}, seed {args.seed})")
+        shown = slice(0, min(8, args.sample))
+        utils.save_image_rows(figures / "samples_with_nearest.png",
+                              {"generated": images[shown], "code map": sampled_codes[shown],
+                               "nearest training slice": nearest_slices(images[shown], train_slices)},
+                              code_columns=("code map",), num_codes=prior.config.num_embeddings)
+        print(f"figures in {figures}/")
+    if args.metrics_json:
+        utils.atomic_write(args.metrics_json, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
     return metrics
 
 

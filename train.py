@@ -1,16 +1,19 @@
-"""Train a VQ-VAE on 2D MRI slices.
+"""Train a VQ-VAE on 2D MRI slices, or a PixelCNN prior over a trained VQ-VAE's codes.
 
     python train.py                         # built-in demo phantoms, CPU-friendly
     python train.py --data /path/to/keras_slices_data --epochs 30
+    python train.py --prior -m checkpoints/<vqvae>.pth   # then sample with predict.py -m <prior> --sample 16
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -18,8 +21,8 @@ from tqdm import tqdm
 import utils
 from utils import progress_bar
 from dataset import BatchLoader, DataSource, Preprocessing, SliceSet, find_data, load_split, make_demo_data, \
-    native_image_size
-from modules import VQVAE, VQVAEConfig
+    native_image_size, save_npy
+from modules import VQVAE, GatedPixelCNN, PriorConfig, VQVAEConfig
 from utils import UsageError
 
 DEFAULT_DEMO_DIR = "data/demo"
@@ -69,6 +72,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="stop after the step that crosses this many seconds of training, keeping the best")
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    prior = parser.add_argument_group("prior (with --prior)")
+    prior.add_argument("--prior", action="store_true", help="train a PixelCNN prior on the codes of -m VQVAE")
+    prior.add_argument("-m", "--model", help="the VQ-VAE checkpoint whose codes the prior learns")
+    prior.add_argument("--prior-hidden-channels", type=int, default=PriorConfig.hidden_channels)
+    prior.add_argument("--prior-layers", type=int, default=PriorConfig.num_layers)
+    prior.add_argument("--prior-kernel-size", type=int, default=PriorConfig.kernel_size)
+    prior.add_argument("--unconditional", action="store_true",
+                       help="ignore class folders (by default the prior is conditioned on the class when there is one)")
     output = parser.add_argument_group("output")
     output.add_argument("--run-name", help="names the checkpoint and figures; default: data-HxW-timestamp")
     output.add_argument("--checkpoint-dir", default="checkpoints")
@@ -248,9 +259,168 @@ def format_epoch(epoch: int, row: dict) -> str:
             f"perplexity {row['val_perplexity']:.1f} usage {row['val_codebook_usage']:.3f} | {row['seconds']:.0f}s")
 
 
+def load_vqvae(path: str | Path, device: torch.device) -> tuple[VQVAE, dict]:
+    """Rebuild a VQ-VAE from its checkpoint alone."""
+    checkpoint = utils.load_checkpoint(path, expected_kind="vqvae")
+    try:
+        model = VQVAE(VQVAEConfig.from_dict(checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (ValueError, TypeError, RuntimeError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0][:160]
+        raise UsageError(f"{path}: checkpoint does not match this version's model ({first_line})") from None
+    return model.to(device).eval(), checkpoint
+
+
+def resolve_data_dir(args_data: str | None, checkpoint: dict) -> Path:
+    if args_data is not None:
+        return Path(args_data)
+    recorded = checkpoint.get("data", {})
+    if recorded.get("demo"):  # regenerated if deleted: it is deterministic
+        return make_demo_data(Path(recorded["root"]).parent)
+    if "root" not in recorded:
+        raise UsageError("the checkpoint does not record its data folder: pass --data")
+    return Path(recorded["root"])
+
+
+def vqvae_fingerprint(model: VQVAE) -> str:
+    """Identifies a VQ-VAE's weights, so a prior can tell whether the codes it learned still mean the same."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_split(model: VQVAE, slices: SliceSet, device: torch.device, cache_dir: str | Path,
+                 batch_size: int = 128) -> torch.Tensor:
+    """Code maps [N, h, w] of a split, computed once per (data, VQ-VAE) and cached on disk."""
+    path = Path(cache_dir) / f"codes-{slices.name}-{slices.cache_key}-{vqvae_fingerprint(model)}.npy"
+    if path.exists():
+        return torch.from_numpy(np.load(path)).long()
+    model.eval()
+    loader = BatchLoader(slices.images, slices.labels, batch_size, shuffle=False, device=device)
+    codes = torch.cat([model.code_map(images).cpu()
+                       for images, _ in progress_bar(loader, desc=f"encoding {slices.name}", unit="batch")])
+    save_npy(path, codes.numpy().astype(np.int16 if model.config.num_embeddings <= 32767 else np.int32))
+    return codes
+
+
+def to_codes(stored: torch.Tensor) -> torch.Tensor:
+    return stored.long()
+
+
+def bits_per_code(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in bits, one value per code map."""
+    return F.cross_entropy(logits.float(), codes, reduction="none").mean(dim=(1, 2)) / math.log(2)
+
+
+def train_prior_epoch(epoch: int, loader: BatchLoader, prior: GatedPixelCNN, optimizer: torch.optim.Optimizer,
+                      clock: TrainingClock, conditional: bool) -> float:
+    prior.train()
+    loader.set_epoch(epoch)
+    total, steps = torch.zeros((), device=loader.device), 0
+    progress = progress_bar(loader, desc=f"prior epoch {epoch}", unit="batch")
+    for codes, labels in progress:
+        for group in optimizer.param_groups:
+            group["lr"] = clock.learning_rate()
+        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=loader.device.type == "cuda"):
+            logits = prior(codes, labels if conditional else None)
+        loss = bits_per_code(logits, codes).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        clock.step += 1
+        steps += 1
+        total += loss.detach()
+        if steps % 25 == 0:
+            progress.set_postfix(bits=f"{(total / steps).item():.3f}")
+        if clock.out_of_time:
+            break
+    progress.close()
+    return (total / max(1, steps)).item()
+
+
+@torch.no_grad()
+def evaluate_prior(prior: GatedPixelCNN, loader: BatchLoader, conditional: bool) -> float:
+    """Mean negative log-likelihood of a split's code maps, in bits per code."""
+    prior.eval()
+    values = []
+    for codes, labels in progress_bar(loader, desc="prior NLL", unit="batch"):
+        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=loader.device.type == "cuda"):
+            logits = prior(codes, labels if conditional else None)
+        values.append(bits_per_code(logits, codes))
+    return torch.cat(values).mean().item()
+
+
+def code_loader(codes: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, device: torch.device,
+                seed: int = 0) -> BatchLoader:
+    return BatchLoader(codes.short() if codes.max() <= 32767 else codes, labels, batch_size, shuffle, device, seed,
+                       drop_last=shuffle and len(codes) > batch_size, convert=to_codes)
+
+
+def main_prior(args: argparse.Namespace) -> dict:
+    if not args.model:
+        raise UsageError("--prior needs -m VQVAE_CHECKPOINT: the VQ-VAE whose codes the prior learns")
+    device = utils.pick_device(args.device)
+    vqvae, vqvae_checkpoint = load_vqvae(args.model, device)
+    prep = Preprocessing.from_dict(vqvae_checkpoint["preprocessing"])
+    source = find_data(resolve_data_dir(args.data, vqvae_checkpoint), args.val_fraction)
+    splits = {split: load_split(source, split, prep, args.cache_dir, min_side=vqvae.config.scale)
+              for split in ("train", "validate")}
+    codes = {split: encode_split(vqvae, slices, device, args.cache_dir) for split, slices in splits.items()}
+    conditional = not args.unconditional and bool(source.class_names) and bool((splits["train"].labels >= 0).all())
+    config = PriorConfig(num_embeddings=vqvae.config.num_embeddings, hidden_channels=args.prior_hidden_channels,
+                         num_layers=args.prior_layers, kernel_size=args.prior_kernel_size,
+                         num_classes=len(source.class_names) if conditional else 0)
+    prior = GatedPixelCNN(config).to(device)
+    optimizer = torch.optim.Adam(prior.parameters(), lr=args.lr)
+    train_loader = code_loader(codes["train"], splits["train"].labels, args.batch_size, True, device, args.seed)
+    val_loader = code_loader(codes["validate"], splits["validate"].labels, args.batch_size * 2, False, device)
+    run_name = args.run_name or f"{Path(args.model).stem}-prior"
+    checkpoint_path = Path(args.checkpoint_dir) / f"{run_name}.pth"
+    figures_dir = Path(args.resources_dir) / run_name
+    metrics_csv = figures_dir / "metrics.csv"
+    metrics_csv.unlink(missing_ok=True)
+    uniform = math.log2(config.num_embeddings)
+    print(f"prior: {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters over "
+          f"{tuple(codes['train'].shape[1:])} code maps, "
+          f"{'conditioned on ' + str(len(source.class_names)) + ' classes' if conditional else 'unconditional'}; "
+          f"uniform guessing costs {uniform:.2f} bits per code")
+    clock = TrainingClock(args, total_steps=args.epochs * len(train_loader))
+    best = {"val_bits_per_code": math.inf}
+    for epoch in range(1, args.epochs + 1):
+        train_bits = train_prior_epoch(epoch, train_loader, prior, optimizer, clock, conditional)
+        row = {"epoch": epoch, "train_bits_per_code": train_bits,
+               "val_bits_per_code": evaluate_prior(prior, val_loader, conditional), "seconds": clock.elapsed}
+        utils.append_csv_row(metrics_csv, row)
+        tqdm.write(f"prior epoch {epoch:3d} | train {train_bits:.3f} bits/code | validation "
+                   f"{row['val_bits_per_code']:.3f} bits/code ({row['val_bits_per_code'] / uniform:.0%} of uniform)"
+                   f" | {row['seconds']:.0f}s")
+        if row["val_bits_per_code"] < best["val_bits_per_code"]:
+            best = row
+            utils.save_checkpoint(checkpoint_path, {
+                "kind": "prior", "config": config.to_dict(), "model": prior.state_dict(),
+                "optimizer": optimizer.state_dict(), "epoch": epoch, "metrics": row, "conditional": conditional,
+                "class_names": source.class_names, "code_shape": list(codes["train"].shape[1:]),
+                "vqvae": {"path": str(Path(args.model).resolve()), "fingerprint": vqvae_fingerprint(vqvae)},
+                "args": vars(args)})
+        if clock.out_of_time:
+            print(f"time limit of {args.time_limit:g}s reached during epoch {epoch}: stopping")
+            break
+    utils.save_training_curves(figures_dir / "curves.png", utils.read_csv_rows(metrics_csv),
+                               {"prior NLL (bits per code)": ("train_bits_per_code", "val_bits_per_code")})
+    print(f"best validation NLL {best['val_bits_per_code']:.3f} bits per code (epoch {best['epoch']}); "
+          f"checkpoint {checkpoint_path}")
+    print(f"next: python predict.py -m {checkpoint_path} --sample 16")
+    return {"checkpoint": str(checkpoint_path), "best": best, "figures": str(figures_dir)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     utils.seed_everything(args.seed)
+    if args.prior:
+        return main_prior(args)
     device = utils.pick_device(args.device)
     config = build_config(args)
     source, prep, train_set, val_set = prepare_data(args, config.scale)
@@ -263,9 +433,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = VQVAE(config).to(device, memory_format=torch.channels_last)  # faster convolutions, CPU and GPU
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    train_loader = BatchLoader(train_set, args.batch_size, shuffle=True, device=device, seed=args.seed,
-                               drop_last=len(train_set) > args.batch_size)
-    val_loader = BatchLoader(val_set, args.batch_size * 2, shuffle=False, device=device)
+    train_loader = BatchLoader(train_set.images, train_set.labels, args.batch_size, shuffle=True, device=device,
+                               seed=args.seed, drop_last=len(train_set) > args.batch_size)
+    val_loader = BatchLoader(val_set.images, val_set.labels, args.batch_size * 2, shuffle=False, device=device)
     examples = val_set.as_float(slice(0, RECONSTRUCTION_EXAMPLES)).to(device)
     if args.kmeans_init:
         kmeans_initialise(model, train_loader)

@@ -145,7 +145,7 @@ def test_cache_is_rebuilt_when_inputs_or_settings_change(hipmri_dir: Path, tmp_p
 
 def test_batch_loader_covers_every_slice_once_per_epoch(hipmri_dir: Path, tmp_path: Path):
     slices = load_split(find_data(hipmri_dir), "train", PREP, tmp_path / "cache", log=quiet)
-    loader = BatchLoader(slices, batch_size=5, shuffle=True, device=torch.device("cpu"), seed=1)
+    loader = BatchLoader(slices.images, slices.labels, batch_size=5, shuffle=True, device=torch.device("cpu"), seed=1)
     batches = list(loader)
     assert len(batches) == 3 and sum(len(images) for images, _ in batches) == 12
     assert all(images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1 for images, _ in batches)

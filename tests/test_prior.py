@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import predict
+import train
+import utils
+from conftest import make_classes
+from modules import GatedPixelCNN, PriorConfig
+from test_end_to_end import train_args
+
+TINY_PRIOR = PriorConfig(num_embeddings=12, hidden_channels=16, num_layers=3, output_channels=16, num_classes=3)
+
+
+def tiny_prior() -> GatedPixelCNN:
+    torch.manual_seed(0)
+    return GatedPixelCNN(TINY_PRIOR).eval()
+
+
+def test_logits_never_depend_on_the_current_or_later_positions():
+    prior = tiny_prior()
+    codes, labels = torch.randint(0, 12, (2, 5, 6)), torch.tensor([0, 2])
+    base = prior(codes, labels)
+    assert base.shape == (2, 12, 5, 6)
+    height, width = codes.shape[1:]
+    for i in range(height):
+        for j in range(width):
+            changed = codes.clone()
+            changed[:, i, j] = (changed[:, i, j] + 1) % 12
+            difference = (prior(changed, labels) - base).abs().amax(dim=(0, 1)).flatten()
+            assert difference[: i * width + j + 1].max() == 0, f"position {(i, j)} leaks"
+
+
+def test_no_blind_spot_the_code_above_right_is_seen():
+    prior = tiny_prior()
+    codes, labels = torch.randint(0, 12, (1, 5, 6)), torch.tensor([1])
+    changed = codes.clone()
+    changed[0, 1, 4] = (changed[0, 1, 4] + 1) % 12  # above and to the right of (2, 3)
+    assert (prior(changed, labels) - prior(codes, labels))[0, :, 2, 3].abs().max() > 0
+
+
+def test_class_label_changes_the_prediction():
+    prior = tiny_prior()
+    codes = torch.randint(0, 12, (1, 4, 4))
+    assert not torch.allclose(prior(codes, torch.tensor([0])), prior(codes, torch.tensor([2])))
+
+
+def test_row_by_row_sampling_uses_exactly_the_full_models_logits():
+    prior = tiny_prior()
+    codes, labels = torch.randint(0, 12, (3, 7, 5)), torch.tensor([0, 1, 2])
+    full = prior(codes, labels)
+    for row in range(7):
+        top = max(0, row - prior.vertical_reach)
+        features = prior._vertical_features(codes[:, top: row + 1], labels)
+        torch.testing.assert_close(prior._row_logits(codes[:, row: row + 1], features, labels), full[:, :, row])
+
+
+def test_sampling_is_deterministic_under_a_seed():
+    prior = tiny_prior()
+    draws = [prior.sample(4, (4, 5), torch.tensor([0, 1, 2, 0]), generator=torch.Generator().manual_seed(seed))
+             for seed in (7, 7, 8)]
+    assert draws[0].shape == (4, 4, 5) and draws[0].dtype == torch.long
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_train_prior_then_sample_and_refuse_another_vqvae(tmp_path: Path):
+    data = make_classes(tmp_path / "data", classes=("alpha", "beta", "gamma"), per_class=4)
+    vqvae = train.main(train_args(tmp_path, data, "--run-name", "vq"))["checkpoint"]
+    prior_args = ["--prior", "-m", vqvae, "--prior-hidden-channels", "8", "--prior-layers", "2", "--run-name", "pr"]
+    result = train.main(train_args(tmp_path, data) + prior_args)
+    checkpoint = utils.load_checkpoint(result["checkpoint"], expected_kind="prior")
+    assert checkpoint["conditional"] and checkpoint["class_names"] == ["alpha", "beta", "gamma"]
+
+    metrics_path = tmp_path / "prior.json"
+    predict_args = ["-m", result["checkpoint"], "--cache-dir", str(tmp_path / "cache"), "--resources-dir",
+                    str(tmp_path / "res"), "--metrics-json", str(metrics_path)]
+    metrics = predict.main(predict_args + ["--sample", "4", "--label", "beta"])
+    assert json.loads(metrics_path.read_text()) == metrics
+    assert 0 < metrics["nll_bits_per_code"] and metrics["sample_seconds"] > 0
+    assert (tmp_path / "res" / "pr" / "samples.png").exists()
+    assert (tmp_path / "res" / "pr" / "samples_with_nearest.png").exists()
+    with pytest.raises(utils.UsageError, match="not a class of this prior"):
+        predict.main(predict_args + ["--sample", "2", "--label", "delta"])
+
+    other = train.main(train_args(tmp_path / "other", data, "--run-name", "vq2", "--seed", "5"))["checkpoint"]
+    with pytest.raises(utils.UsageError, match="trained on the codes of another VQ-VAE"):
+        predict.main(predict_args + ["--vqvae", other])
+    with pytest.raises(utils.UsageError, match="needs -m VQVAE_CHECKPOINT"):
+        train.main(train_args(tmp_path, data, "--prior"))
