@@ -389,38 +389,56 @@ class BatchLoader:
     """Batches (data, labels) from tensors held in memory (on the GPU when they fit there).
 
     Slicing one uint8 tensor is far faster than a DataLoader that collates per-item tensors. `convert` turns a
-    stored batch into what the model takes (by default uint8 images to floats in [0, 1]).
+    stored batch into what the model takes (by default uint8 images to floats in [0, 1]). With world_size > 1
+    each process takes every world_size-th item of the same shuffled order (a distributed sampler).
     """
 
     def __init__(self, data: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
                  device: torch.device, seed: int = 0, drop_last: bool = False,
-                 convert: Callable[[torch.Tensor], torch.Tensor] = unit_float):
+                 convert: Callable[[torch.Tensor], torch.Tensor] = unit_float, rank: int = 0, world_size: int = 1):
         self.labels, self.batch_size, self.shuffle, self.convert = labels, batch_size, shuffle, convert
         self.device, self.seed, self.drop_last, self.epoch = device, seed, drop_last, 0
+        self.rank, self.world_size = rank, world_size
         self.data = data
         if device.type == "cuda" and data.numel() * data.element_size() < 0.25 * torch.cuda.mem_get_info(device)[0]:
             self.data = data.to(device)
         elif device.type == "cuda":
             self.data = data.pin_memory()
 
-    def __len__(self) -> int:
+    def _shard_size(self) -> int:
         count = len(self.data)
-        return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
+        if self.drop_last:
+            return count // self.world_size
+        return max(0, math.ceil((count - self.rank) / self.world_size))
+
+    def __len__(self) -> int:
+        size = self._shard_size()
+        return size // self.batch_size if self.drop_last else math.ceil(size / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _order(self) -> torch.Tensor:
         count = len(self.data)
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(count, generator=generator)
         else:
             order = torch.arange(count)
-        for batch in range(len(self)):
+        if self.drop_last:
+            order = order[: count - count % self.world_size]
+        return order[self.rank::self.world_size]
+
+    def batches(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This epoch's batches from batch `start` on (to resume an epoch part-way)."""
+        order = self._order()
+        for batch in range(start, len(self)):
             index = order[batch * self.batch_size:(batch + 1) * self.batch_size]
             data = self.data[index.to(self.data.device)].to(self.device, non_blocking=True)
             yield self.convert(data), self.labels[index].to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches()
 
 
 # ----------------------------------------------------------------------------- demo data

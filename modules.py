@@ -11,8 +11,8 @@ import torch.nn.functional as F
 @dataclass
 class VQVAEConfig:
     in_channels: int = 1
-    hidden_channels: int = 128
-    residual_channels: int = 64
+    hidden_channels: int = 64
+    residual_channels: int = 32
     num_residual_layers: int = 2
     downsamples: int = 2  # each halves height and width: codes are 2**downsamples times smaller per side
     num_embeddings: int = 512  # K, the codebook size
@@ -38,6 +38,27 @@ class VQVAEConfig:
     @property
     def scale(self) -> int:
         return 2**self.downsamples
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_reduce_sum(*tensors: torch.Tensor) -> None:
+    if _distributed():
+        for tensor in tensors:
+            torch.distributed.all_reduce(tensor)
+
+
+def _broadcast_from_first(tensor: torch.Tensor) -> None:
+    if _distributed():
+        torch.distributed.broadcast(tensor, src=0)
+
+
+def count_codes(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """How often each code occurs. Unlike torch.bincount this never waits for the GPU (no max to read back)."""
+    flat = indices.flatten()
+    return torch.zeros(num_codes, device=flat.device).index_add_(0, flat, torch.ones(len(flat), device=flat.device))
 
 
 def _norm(channels: int, kind: str) -> nn.Module:
@@ -164,7 +185,9 @@ class VectorQuantizer(nn.Module):
             if self.training and self.use_ema:
                 self._ema_update(flat.detach(), indices)
             elif self.training:
-                self._track_usage(indices)
+                counts = self._code_counts(indices)
+                _all_reduce_sum(counts)
+                self._track_usage(counts)
             indices = indices.view(batch, height, width)
             quantized = self.lookup(indices)
             loss = self.beta * F.mse_loss(latents, quantized.detach())
@@ -174,15 +197,17 @@ class VectorQuantizer(nn.Module):
         return quantized, indices, loss
 
     def _code_counts(self, indices: torch.Tensor) -> torch.Tensor:
-        return torch.bincount(indices, minlength=self.num_embeddings).float()
+        return count_codes(indices, self.num_embeddings)
 
-    def _track_usage(self, indices: torch.Tensor) -> None:
-        self.cluster_size.mul_(self.ema_decay).add_(self._code_counts(indices), alpha=1 - self.ema_decay)
+    def _track_usage(self, counts: torch.Tensor) -> None:
+        self.cluster_size.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
-        self._track_usage(indices)
+        counts = self._code_counts(indices)
         assigned_sum = torch.zeros_like(self.embedding_sum).index_add_(0, indices, flat)
+        _all_reduce_sum(counts, assigned_sum)  # every process then holds the same codebook
+        self._track_usage(counts)
         self.embedding_sum.mul_(self.ema_decay).add_(assigned_sum, alpha=1 - self.ema_decay)
         total = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.ema_epsilon) / (total + self.num_embeddings * self.ema_epsilon) * total
@@ -190,18 +215,17 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+        """Re-seed codes whose use fell below the threshold. Written without a host sync (no count of the dead)."""
         if self.dead_code_threshold <= 0:
             return
         dead = self.cluster_size < self.dead_code_threshold
-        num_dead = int(dead.sum())
-        if num_dead == 0:
-            return
-        choice = torch.randint(0, flat.shape[0], (num_dead,), device=flat.device)
-        new_codes = flat[choice]
-        self.embedding.data[dead] = new_codes
+        candidates = flat[torch.randint(0, flat.shape[0], (self.num_embeddings,), device=flat.device)]
+        _broadcast_from_first(candidates)
+        self.embedding.data.copy_(torch.where(dead[:, None], candidates, self.embedding.data))
         # A restarted code starts at the threshold so it survives a few steps to win vectors of its own.
-        self.cluster_size[dead] = self.dead_code_threshold
-        self.embedding_sum[dead] = new_codes * self.dead_code_threshold
+        threshold = torch.full_like(self.cluster_size, self.dead_code_threshold)
+        self.embedding_sum.copy_(torch.where(dead[:, None], candidates * self.dead_code_threshold, self.embedding_sum))
+        self.cluster_size.copy_(torch.where(dead, threshold, self.cluster_size))
 
     @torch.no_grad()
     def kmeans_init(self, vectors: torch.Tensor, iterations: int = 10) -> None:
@@ -354,11 +378,6 @@ class GatedPixelCNN(nn.Module):
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, config.output_channels, 1), nn.ReLU(),
                                   nn.Conv2d(config.output_channels, config.num_embeddings, 1))
 
-    @property
-    def vertical_reach(self) -> int:
-        """How many rows above a position can influence its logits."""
-        return self.config.num_layers * (self.config.kernel_size // 2) + 1
-
     def _embed(self, codes: torch.Tensor) -> torch.Tensor:
         return self.embedding(codes).permute(0, 3, 1, 2)
 
@@ -369,38 +388,69 @@ class GatedPixelCNN(nn.Module):
             x_horizontal = layer.horizontal_step(x_horizontal, features, labels)
         return self.head(x_horizontal)
 
-    def _vertical_features(self, window: torch.Tensor, labels: torch.Tensor | None) -> list[torch.Tensor]:
-        """Each layer's vertical features on the last row of a window of code rows (that row's own codes unused)."""
-        x_vertical = self._embed(window)
-        row_features = []
-        for layer in self.layers:
-            x_vertical, features = layer.vertical_step(x_vertical, labels)
-            row_features.append(features[:, :, -1:])
-        return row_features
-
-    def _row_logits(self, row: torch.Tensor, row_features: list[torch.Tensor], labels: torch.Tensor | None,
-                    ) -> torch.Tensor:
-        x_horizontal = self._embed(row)
-        for layer, features in zip(self.layers, row_features):
-            x_horizontal = layer.horizontal_step(x_horizontal, features, labels)
-        return self.head(x_horizontal)[:, :, 0]  # [B, K, W]
-
     @torch.inference_mode()
     def sample(self, batch_size: int, shape: tuple[int, int], labels: torch.Tensor | None = None,
                temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Code maps [B, H, W] drawn in raster order, all B at once.
+        """Code maps [B, H, W] drawn in raster order, all B at once, computing each layer's output once.
 
-        The vertical stack of row i depends only on rows above, so it runs once per row (over the few rows it can
-        see); within the row only the one-row horizontal stack runs again for each position.
+        Every layer keeps the rows (vertical stack) and columns (horizontal stack) it has already computed, so a
+        new position costs one column of each layer, done with small matrix products: about one forward pass
+        for the whole map.
         """
         height, width = shape
+        half = self.config.kernel_size // 2
         device = self.embedding.weight.device
         codes = torch.zeros(batch_size, height, width, dtype=torch.long, device=device)
+        channels = self.config.hidden_channels
+        columns = [_ColumnWeights(layer) for layer in self.layers]
+        head = [module for module in self.head if isinstance(module, nn.Conv2d)]
+        # vertical_inputs[l]: what layer l's vertical convolution reads, filled row by row
+        vertical_inputs = [torch.zeros(batch_size, channels, height, width, device=device) for _ in self.layers]
         for i in range(height):
-            top = max(0, i - self.vertical_reach)
-            row_features = self._vertical_features(codes[:, top: i + 1], labels)
+            top = max(0, i - half)
+            to_horizontal = []  # per layer: row i's vertical features through the 1x1, as [W, B, 2C]
+            for index, layer in enumerate(self.layers):
+                features = layer.vertical(vertical_inputs[index][:, :, top: i + 1])[:, :, i - top: i - top + 1]
+                condition_vertical, condition_horizontal = layer._conditions(labels)
+                if index + 1 < len(self.layers):
+                    vertical_inputs[index + 1][:, :, i: i + 1] = _gate(features + condition_vertical)
+                row = layer.vertical_to_horizontal(features) + condition_horizontal
+                to_horizontal.append(row[:, :, 0].permute(2, 0, 1))
+            # horizontal_inputs[l][j]: what layer l's horizontal stack reads at column j of row i, as [B, C]
+            horizontal_inputs = torch.zeros(len(self.layers), width, batch_size, channels, device=device)
             for j in range(width):
-                logits = self._row_logits(codes[:, i: i + 1], row_features, labels)[:, :, j]
+                for index, weights in enumerate(columns):
+                    out = weights.column(horizontal_inputs[index], j, to_horizontal[index][j])
+                    if index + 1 < len(self.layers):
+                        horizontal_inputs[index + 1, j] = out
+                hidden = F.linear(F.relu(out), head[0].weight[:, :, 0, 0], head[0].bias)
+                logits = F.linear(F.relu(hidden), head[1].weight[:, :, 0, 0], head[1].bias)
                 probabilities = torch.softmax(logits.float() / max(temperature, 1e-6), dim=1)
-                codes[:, i, j] = torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+                chosen = torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+                codes[:, i, j] = chosen
+                embedded = self.embedding(chosen)
+                horizontal_inputs[0, j] = embedded
+                vertical_inputs[0][:, :, i, j] = embedded
         return codes
+
+
+class _ColumnWeights:
+    """One gated layer's horizontal stack as matrices, to compute a single column at a time while sampling."""
+
+    def __init__(self, layer: GatedLayer):
+        weight = layer.horizontal.weight * layer.horizontal.mask  # [2C, C, 1, taps]
+        self.taps = [weight[:, :, 0, tap] for tap in range(weight.shape[-1])]
+        self.bias = layer.horizontal.bias
+        self.out_weight, self.out_bias = layer.horizontal_out.weight[:, :, 0, 0], layer.horizontal_out.bias
+        self.first = layer.first
+
+    def column(self, inputs: torch.Tensor, j: int, from_vertical: torch.Tensor) -> torch.Tensor:
+        """Output at column j from inputs [W, B, C] of columns <= j and the vertical stack's [B, 2C] there."""
+        half = len(self.taps) - 1
+        features = self.bias + from_vertical
+        for tap, matrix in enumerate(self.taps):
+            source = j - half + tap
+            if source >= 0 and not (self.first and tap == half):  # the first layer never sees column j itself
+                features = features + inputs[source] @ matrix.t()
+        out = F.linear(_gate(features), self.out_weight, self.out_bias)
+        return out if self.first else out + inputs[j]

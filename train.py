@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import os
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,14 +26,14 @@ import utils
 from utils import progress_bar
 from dataset import BatchLoader, DataSource, Preprocessing, SliceSet, find_data, load_split, make_demo_data, \
     native_image_size, save_npy
-from modules import VQVAE, GatedPixelCNN, PriorConfig, VQVAEConfig
+from modules import VQVAE, GatedPixelCNN, PriorConfig, VQVAEConfig, count_codes
 from utils import UsageError
 
 DEFAULT_DEMO_DIR = "data/demo"
 RECONSTRUCTION_EXAMPLES = 6
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     defaults = VQVAEConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("data")
@@ -44,9 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--val-fraction", type=float, default=0.1, help="held out of train when there is no val split")
     data.add_argument("--cache-dir", default=".cache/slices", help="where decoded slices are cached")
     model = parser.add_argument_group("model")
-    model.add_argument("--hidden-channels", type=int, default=defaults.hidden_channels)
-    model.add_argument("--residual-channels", type=int, default=defaults.residual_channels)
-    model.add_argument("--residual-layers", type=int, default=defaults.num_residual_layers)
+    model.add_argument("--hidden-channels", type=int, default=defaults.hidden_channels,
+                       help="channels of the encoder/decoder at the code resolution")
+    model.add_argument("--residual-channels", type=int, default=defaults.residual_channels,
+                       help="bottleneck channels inside each residual layer")
+    model.add_argument("--residual-layers", type=int, default=defaults.num_residual_layers,
+                       help="residual layers in the encoder and in the decoder")
     model.add_argument("--downsamples", type=int, default=defaults.downsamples,
                        help="each halves height and width (2 = 4x smaller code map per side)")
     model.add_argument("--num-embeddings", type=int, default=defaults.num_embeddings, help="codebook size K")
@@ -54,37 +61,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--beta", type=float, default=defaults.beta, help="commitment loss weight")
     model.add_argument("--quantizer", choices=("ema", "gradient"), default=defaults.quantizer,
                        help="codebook updated by moving averages, or trained by its gradient")
-    model.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    model.add_argument("--ema-decay", type=float, default=defaults.ema_decay,
+                       help="moving-average decay of the EMA codebook")
     model.add_argument("--dead-code-threshold", type=float, default=defaults.dead_code_threshold,
                        help="re-seed codes used less than this per step (moving average); 0 = never")
     model.add_argument("--kmeans-init", action="store_true", help="initialise the codebook by k-means on encoder "
                        "outputs of the first batches")
-    model.add_argument("--normalization", choices=("none", "group"), default=defaults.normalization)
+    model.add_argument("--normalization", choices=("none", "group"), default=defaults.normalization,
+                       help="GroupNorm in the convolutional blocks, or none")
     training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=int, default=10)
-    training.add_argument("--batch-size", type=int, default=32)
+    training.add_argument("--epochs", type=int, default=10, help="passes over the training split")
+    training.add_argument("--batch-size", type=int, default=16, help="slices per optimisation step")
     training.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate")
-    training.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+    training.add_argument("--lr-schedule", choices=("cosine", "constant"), default="constant",
                           help="cosine decays over the run (over --time-limit too, when that comes first)")
-    training.add_argument("--warmup-steps", type=int, default=100)
-    training.add_argument("--ssim-weight", type=float, default=0.0, help="weight of (1 - SSIM) added to the MSE")
+    training.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up")
+    training.add_argument("--ssim-weight", type=float, default=0.2, help="weight of (1 - SSIM) added to the MSE")
     training.add_argument("--time-limit", type=float, metavar="SECONDS",
                           help="stop after the step that crosses this many seconds of training, keeping the best")
-    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all; 0 = no limit")
+    training.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPUs after "
+                          "a minute of compiling)")
+    training.add_argument("--seed", type=int, default=0, help="seeds weights, shuffling and codebook restarts")
     training.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     prior = parser.add_argument_group("prior (with --prior)")
     prior.add_argument("--prior", action="store_true", help="train a PixelCNN prior on the codes of -m VQVAE")
     prior.add_argument("-m", "--model", help="the VQ-VAE checkpoint whose codes the prior learns")
-    prior.add_argument("--prior-hidden-channels", type=int, default=PriorConfig.hidden_channels)
-    prior.add_argument("--prior-layers", type=int, default=PriorConfig.num_layers)
-    prior.add_argument("--prior-kernel-size", type=int, default=PriorConfig.kernel_size)
+    prior.add_argument("--prior-hidden-channels", type=int, default=PriorConfig.hidden_channels,
+                       help="channels of the PixelCNN")
+    prior.add_argument("--prior-layers", type=int, default=PriorConfig.num_layers, help="gated layers")
+    prior.add_argument("--prior-kernel-size", type=int, default=PriorConfig.kernel_size,
+                       help="odd kernel width of the gated layers")
     prior.add_argument("--unconditional", action="store_true",
                        help="ignore class folders (by default the prior is conditioned on the class when there is one)")
     output = parser.add_argument_group("output")
     output.add_argument("--run-name", help="names the checkpoint and figures; default: data-HxW-timestamp")
-    output.add_argument("--checkpoint-dir", default="checkpoints")
-    output.add_argument("--resources-dir", default="resources")
-    return parser.parse_args(argv)
+    output.add_argument("--checkpoint-dir", default="checkpoints", help="where <run-name>.pth is written")
+    output.add_argument("--resources-dir", default="resources", help="figures and metrics go to <dir>/<run-name>/")
+    output.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                        help="also write the -last checkpoint every this many steps (it is always written each epoch)")
+    output.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly from its -last (or best) "
+                        "checkpoint; --epochs, --time-limit, --max-steps, --device, --compile may be changed")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> VQVAEConfig:
@@ -102,21 +124,21 @@ def check_image_size(size: tuple[int, int], scale: int) -> None:
                          f"(2**downsamples) and at least {max(scale, 8)}")
 
 
-
-def prepare_data(args: argparse.Namespace, scale: int) -> tuple[DataSource, Preprocessing, SliceSet, SliceSet]:
+def prepare_data(args: argparse.Namespace, scale: int, log: Callable[[str], None] = print,
+                 ) -> tuple[DataSource, Preprocessing, SliceSet, SliceSet]:
     if args.data is None:
-        data_dir = make_demo_data(args.demo_dir)
-        print(f"no --data given: training on the built-in DEMO data (synthetic phantoms, not real MRI) in {data_dir}."
+        data_dir = make_demo_data(args.demo_dir, log=log)
+        log(f"no --data given: training on the built-in DEMO data (synthetic phantoms, not real MRI) in {data_dir}."
               "\n  For real scans: python train.py --data /path/to/keras_slices_data (HipMRI) "
               "or /path/to/keras_png_slices_data (OASIS)")
     else:
         data_dir = args.data
     source = find_data(data_dir, args.val_fraction)
     for note in source.notes:
-        print(note)
+        log(note)
     if args.image_size is None:
         image_size = native_image_size(source.files["train"], scale, args.slice_axis)
-        print(f"image size {image_size[0]}x{image_size[1]} (the most common slice shape, padded to a multiple of "
+        log(f"image size {image_size[0]}x{image_size[1]} (the most common slice shape, padded to a multiple of "
               f"{scale}); set --image-size to change it")
     else:
         image_size = tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size)
@@ -125,18 +147,21 @@ def prepare_data(args: argparse.Namespace, scale: int) -> tuple[DataSource, Prep
     check_image_size(image_size, scale)
     prep = Preprocessing(image_size=image_size, channels=args.channels, resize=args.resize,
                          slice_axis=args.slice_axis)
-    train_set = load_split(source, "train", prep, args.cache_dir, min_side=scale)
-    val_set = load_split(source, "validate", prep, args.cache_dir, min_side=scale)
-    print(f"train: {len(train_set)} slices, validation: {len(val_set)} slices, {image_size[0]}x{image_size[1]}")
+    train_set = load_split(source, "train", prep, args.cache_dir, min_side=scale, log=log)
+    val_set = load_split(source, "validate", prep, args.cache_dir, min_side=scale, log=log)
+    log(f"train: {len(train_set)} slices, validation: {len(val_set)} slices, {image_size[0]}x{image_size[1]}")
     return source, prep, train_set, val_set
 
 
 class TrainingClock:
-    """Wall-clock budget and learning-rate schedule, both measured as progress through the run in [0, 1]."""
+    """Wall-clock budget and learning-rate schedule, both measured as progress through the run in [0, 1].
 
-    def __init__(self, args: argparse.Namespace, total_steps: int):
-        self.args, self.total_steps, self.step = args, total_steps, 0
-        self.start = time.perf_counter()
+    Time spent before a resume counts too (`already_elapsed`), so a resumed run continues the same schedule.
+    """
+
+    def __init__(self, args: argparse.Namespace, total_steps: int, step: int = 0, already_elapsed: float = 0.0):
+        self.args, self.total_steps, self.step = args, total_steps, step
+        self.start = time.perf_counter() - already_elapsed
 
     @property
     def elapsed(self) -> float:
@@ -145,6 +170,10 @@ class TrainingClock:
     @property
     def out_of_time(self) -> bool:
         return self.args.time_limit is not None and self.elapsed >= self.args.time_limit
+
+    @property
+    def out_of_steps(self) -> bool:
+        return bool(self.args.max_steps) and self.step >= self.args.max_steps
 
     def progress(self) -> float:
         by_steps = self.step / max(1, self.total_steps)
@@ -157,6 +186,46 @@ class TrainingClock:
             return self.args.lr * warmup
         return self.args.lr * warmup * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * self.progress())))
 
+    def should_stop(self) -> bool:
+        """Out of time or steps; every process takes the same decision (one small all-reduce when distributed)."""
+        stop = self.out_of_time or self.out_of_steps
+        if utils.is_distributed() and self.args.time_limit is not None:
+            flag = torch.tensor(float(stop))
+            stop = bool(utils.all_reduce_sum(flag).item() > 0)
+        return stop
+
+
+@dataclass
+class EpochTotals:
+    """Running sums of one epoch, kept on the device (no host sync per step); saved in mid-epoch checkpoints."""
+
+    losses: torch.Tensor  # summed reconstruction loss, summed vq loss
+    code_counts: torch.Tensor
+    batches: int = 0  # batches of this epoch already trained
+
+    @classmethod
+    def zeros(cls, num_codes: int, device: torch.device) -> "EpochTotals":
+        return cls(torch.zeros(2, device=device), torch.zeros(num_codes, device=device))
+
+    def to_dict(self) -> dict:
+        return {"losses": self.losses.cpu(), "code_counts": self.code_counts.cpu(), "batches": self.batches}
+
+    @classmethod
+    def from_dict(cls, values: dict, device: torch.device) -> "EpochTotals":
+        return cls(values["losses"].to(device), values["code_counts"].to(device), values["batches"])
+
+    def metrics(self) -> dict:
+        """Epoch metrics over all processes."""
+        losses = utils.all_reduce_sum(self.losses.clone()) / (max(1, self.batches) * world_size())
+        counts = utils.all_reduce_sum(self.code_counts.clone())
+        recon, vq = losses.tolist()
+        return {"train_recon_loss": recon, "train_vq_loss": vq, "train_perplexity": utils.perplexity(counts),
+                "train_codebook_usage": utils.codebook_usage(counts)}
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if utils.is_distributed() else 1
+
 
 def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, ssim_weight: float) -> torch.Tensor:
     loss = F.mse_loss(reconstruction.float(), images)
@@ -165,17 +234,15 @@ def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, ssim
     return loss
 
 
-def train(epoch: int, loader: BatchLoader, model: VQVAE, optimizer: torch.optim.Optimizer, clock: TrainingClock,
-          args: argparse.Namespace) -> dict:
-    """One epoch (or less, if the time limit is crossed). Metrics stay on the device until the end."""
+def train(epoch: int, loader: BatchLoader, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+          clock: TrainingClock, args: argparse.Namespace, totals: EpochTotals,
+          on_checkpoint: Callable[[EpochTotals], None] | None = None) -> EpochTotals:
+    """Train one epoch from batch `totals.batches` on; stops early after the step that runs out of time or steps."""
     model.train()
     loader.set_epoch(epoch)
     device = loader.device
-    num_codes = model.config.num_embeddings
-    sums = torch.zeros(2, device=device)  # reconstruction loss, vq loss
-    code_counts = torch.zeros(num_codes, device=device)
-    steps = 0
-    progress = progress_bar(loader, desc=f"epoch {epoch}", unit="batch")
+    progress = progress_bar(loader.batches(start=totals.batches), desc=f"epoch {epoch}", unit="batch",
+                            initial=totals.batches, total=len(loader))
     for images, _ in progress:
         for group in optimizer.param_groups:
             group["lr"] = clock.learning_rate()
@@ -186,38 +253,44 @@ def train(epoch: int, loader: BatchLoader, model: VQVAE, optimizer: torch.optim.
         (recon_loss + vq_loss).backward()
         optimizer.step()
         clock.step += 1
-        steps += 1
-        sums += torch.stack([recon_loss.detach(), vq_loss.detach()])
-        code_counts += torch.bincount(indices.flatten(), minlength=num_codes)
-        if steps % 25 == 0:
-            recon, vq = (sums / steps).tolist()
+        totals.batches += 1
+        totals.losses += torch.stack([recon_loss.detach(), vq_loss.detach().float()])
+        totals.code_counts += count_codes(indices, len(totals.code_counts))
+        if progress.disable is False and totals.batches % 25 == 0:  # reading the loss syncs: only for a visible bar
+            recon, vq = (totals.losses / totals.batches).tolist()
             progress.set_postfix(recon=f"{recon:.4f}", vq=f"{vq:.4f}")
-        if clock.out_of_time:
+        if on_checkpoint is not None and args.checkpoint_every and clock.step % args.checkpoint_every == 0:
+            on_checkpoint(totals)
+        if clock.should_stop():
             break
     progress.close()
-    recon, vq = (sums / max(1, steps)).tolist()
-    return {"train_recon_loss": recon, "train_vq_loss": vq, "train_perplexity": utils.perplexity(code_counts),
-            "train_codebook_usage": utils.codebook_usage(code_counts), "steps": steps}
+    return totals
 
 
 @torch.no_grad()
-def evaluate(model: VQVAE, loader: BatchLoader, description: str = "validate") -> dict:
-    """Loss, per-image SSIM and PSNR, and code use over a whole split."""
+def evaluate(model: VQVAE, loader: BatchLoader, description: str = "validate", ssim_weight: float = 0.0) -> dict:
+    """Loss (the training objective), SSIM, PSNR and code use over a whole split, summed over all processes."""
     model.eval()
     device = loader.device
-    losses, ssims, psnrs = [], [], []
+    sums = torch.zeros(4, device=device)  # loss, ssim, psnr, images
+    ssims = []
     code_counts = torch.zeros(model.config.num_embeddings, device=device)
     for images, _ in progress_bar(loader, desc=description, unit="batch"):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             reconstruction, indices, vq_loss = model(images)
         reconstruction = reconstruction.float().clamp(0, 1)
-        losses.append(F.mse_loss(reconstruction, images, reduction="none").mean(dim=(1, 2, 3)) + vq_loss)
-        ssims.append(utils.ssim_per_image(reconstruction, images))
-        psnrs.append(utils.psnr_per_image(reconstruction, images))
-        code_counts += torch.bincount(indices.flatten(), minlength=model.config.num_embeddings)
-    ssim = torch.cat(ssims)
-    return {"loss": torch.cat(losses).mean().item(), "ssim": ssim.mean().item(), "ssim_per_image": ssim.cpu(),
-            "psnr": torch.cat(psnrs).mean().item(), "perplexity": utils.perplexity(code_counts),
+        ssim = utils.ssim_per_image(reconstruction, images)
+        loss = F.mse_loss(reconstruction, images, reduction="none").mean(dim=(1, 2, 3)) + ssim_weight * (1 - ssim)
+        loss = loss + vq_loss
+        sums += torch.stack([loss.sum(), ssim.sum(), utils.psnr_per_image(reconstruction, images).sum(),
+                             torch.tensor(float(len(images)), device=device)])
+        ssims.append(ssim)
+        code_counts += count_codes(indices, model.config.num_embeddings)
+    utils.all_reduce_sum(sums)
+    utils.all_reduce_sum(code_counts)
+    loss, ssim_sum, psnr, count = sums.tolist()
+    return {"loss": loss / count, "ssim": ssim_sum / count, "psnr": psnr / count,
+            "ssim_per_image": torch.cat(ssims).cpu(), "perplexity": utils.perplexity(code_counts),
             "codebook_usage": utils.codebook_usage(code_counts), "code_counts": code_counts.cpu()}
 
 
@@ -244,8 +317,8 @@ def save_reconstructions(path: Path, model: VQVAE, images: torch.Tensor, title: 
                           title=title, code_columns=("codes",), num_codes=model.config.num_embeddings)
 
 
-def save_curves(path: Path, metrics_csv: Path) -> None:
-    utils.save_training_curves(path, utils.read_csv_rows(metrics_csv), {
+def save_curves(path: Path, rows: list[dict]) -> None:
+    utils.save_training_curves(path, rows, {
         "loss": ("train_recon_loss", "train_vq_loss", "val_loss"),
         "validation SSIM": ("val_ssim",),
         "codebook perplexity": ("train_perplexity", "val_perplexity"),
@@ -335,7 +408,7 @@ def train_prior_epoch(epoch: int, loader: BatchLoader, prior: GatedPixelCNN, opt
         total += loss.detach()
         if steps % 25 == 0:
             progress.set_postfix(bits=f"{(total / steps).item():.3f}")
-        if clock.out_of_time:
+        if clock.should_stop():
             break
     progress.close()
     return (total / max(1, steps)).item()
@@ -380,8 +453,7 @@ def main_prior(args: argparse.Namespace) -> dict:
     run_name = args.run_name or f"{Path(args.model).stem}-prior"
     checkpoint_path = Path(args.checkpoint_dir) / f"{run_name}.pth"
     figures_dir = Path(args.resources_dir) / run_name
-    metrics_csv = figures_dir / "metrics.csv"
-    metrics_csv.unlink(missing_ok=True)
+    rows: list[dict] = []
     uniform = math.log2(config.num_embeddings)
     print(f"prior: {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters over "
           f"{tuple(codes['train'].shape[1:])} code maps, "
@@ -393,7 +465,8 @@ def main_prior(args: argparse.Namespace) -> dict:
         train_bits = train_prior_epoch(epoch, train_loader, prior, optimizer, clock, conditional)
         row = {"epoch": epoch, "train_bits_per_code": train_bits,
                "val_bits_per_code": evaluate_prior(prior, val_loader, conditional), "seconds": clock.elapsed}
-        utils.append_csv_row(metrics_csv, row)
+        rows.append(row)
+        utils.write_csv_rows(figures_dir / "metrics.csv", rows)
         tqdm.write(f"prior epoch {epoch:3d} | train {train_bits:.3f} bits/code | validation "
                    f"{row['val_bits_per_code']:.3f} bits/code ({row['val_bits_per_code'] / uniform:.0%} of uniform)"
                    f" | {row['seconds']:.0f}s")
@@ -405,10 +478,10 @@ def main_prior(args: argparse.Namespace) -> dict:
                 "class_names": source.class_names, "code_shape": list(codes["train"].shape[1:]),
                 "vqvae": {"path": str(Path(args.model).resolve()), "fingerprint": vqvae_fingerprint(vqvae)},
                 "args": vars(args)})
-        if clock.out_of_time:
-            print(f"time limit of {args.time_limit:g}s reached during epoch {epoch}: stopping")
+        if clock.should_stop():
+            print(f"stopping during epoch {epoch}: time or step limit reached")
             break
-    utils.save_training_curves(figures_dir / "curves.png", utils.read_csv_rows(metrics_csv),
+    utils.save_training_curves(figures_dir / "curves.png", rows,
                                {"prior NLL (bits per code)": ("train_bits_per_code", "val_bits_per_code")})
     print(f"best validation NLL {best['val_bits_per_code']:.3f} bits per code (epoch {best['epoch']}); "
           f"checkpoint {checkpoint_path}")
@@ -416,61 +489,162 @@ def main_prior(args: argparse.Namespace) -> dict:
     return {"checkpoint": str(checkpoint_path), "best": best, "figures": str(figures_dir)}
 
 
+RESUME_OVERRIDES = ("epochs", "time_limit", "max_steps", "device", "checkpoint_every", "compile")
+
+
+def explicit_options(argv: list[str] | None) -> set[str]:
+    """The options given on the command line (not left at their defaults)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def resume_settings(args: argparse.Namespace, argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
+    """The resumed run's own settings, with the few options that may change taken from this command line."""
+    checkpoint = utils.load_checkpoint(args.resume, expected_kind="vqvae")
+    if "training" not in checkpoint:
+        raise UsageError(f"{args.resume}: holds no training state to resume from")
+    settings = argparse.Namespace(**{**vars(args), **checkpoint["args"]})
+    for name in explicit_options(argv) & set(RESUME_OVERRIDES):
+        setattr(settings, name, getattr(args, name))
+    settings.resume, settings.run_name = args.resume, checkpoint["run_name"]
+    settings.image_size = list(checkpoint["preprocessing"]["image_size"])
+    return settings, checkpoint
+
+
+def setup_distributed(device_name: str) -> tuple[int, torch.device]:
+    """(rank, device). Under torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, utils.pick_device(device_name)
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return torch.distributed.get_rank(), device
+
+
+@contextmanager
+def main_process_first(rank: int):
+    """Rank 0 builds the caches while the others wait, then they read them."""
+    if utils.is_distributed() and rank != 0:
+        torch.distributed.barrier()
+    yield
+    if utils.is_distributed() and rank == 0:
+        torch.distributed.barrier()
+
+
+def silent(*_args, **_kwargs) -> None:
+    pass
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    resumed = None
+    if args.resume:
+        args, resumed = resume_settings(args, argv)
     utils.seed_everything(args.seed)
     if args.prior:
         return main_prior(args)
-    device = utils.pick_device(args.device)
-    config = build_config(args)
-    source, prep, train_set, val_set = prepare_data(args, config.scale)
+    rank, device = setup_distributed(args.device)
+    try:
+        return train_vqvae(args, rank, device, resumed)
+    finally:
+        if utils.is_distributed():
+            torch.distributed.destroy_process_group()
+
+
+def train_vqvae(args: argparse.Namespace, rank: int, device: torch.device, resumed: dict | None) -> dict:
+    is_main = rank == 0
+    say = print if is_main else silent
+    torch.backends.cudnn.benchmark = True
+    config = VQVAEConfig.from_dict(resumed["config"]) if resumed else build_config(args)
+    with main_process_first(rank):
+        source, prep, train_set, val_set = prepare_data(args, config.scale, say)
     run_name = args.run_name or (f"{'demo' if args.data is None else Path(source.root).name}-"
                                  f"{prep.image_size[0]}x{prep.image_size[1]}-{time.strftime('%Y%m%d-%H%M%S')}")
-    checkpoint_path = Path(args.checkpoint_dir) / f"{run_name}.pth"
+    best_path = Path(args.checkpoint_dir) / f"{run_name}.pth"
+    last_path = Path(args.checkpoint_dir) / f"{run_name}-last.pth"
     figures_dir = Path(args.resources_dir) / run_name
-    metrics_csv = figures_dir / "metrics.csv"
-    metrics_csv.unlink(missing_ok=True)
 
     model = VQVAE(config).to(device, memory_format=torch.channels_last)  # faster convolutions, CPU and GPU
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    shards = {"rank": rank, "world_size": world_size()}
     train_loader = BatchLoader(train_set.images, train_set.labels, args.batch_size, shuffle=True, device=device,
-                               seed=args.seed, drop_last=len(train_set) > args.batch_size)
-    val_loader = BatchLoader(val_set.images, val_set.labels, args.batch_size * 2, shuffle=False, device=device)
-    examples = val_set.as_float(slice(0, RECONSTRUCTION_EXAMPLES)).to(device)
-    if args.kmeans_init:
+                               seed=args.seed, drop_last=len(train_set) > args.batch_size * shards["world_size"],
+                               **shards)
+    val_loader = BatchLoader(val_set.images, val_set.labels, args.batch_size * 2, shuffle=False, device=device,
+                             **shards)
+    training = resumed["training"] if resumed else {"epoch": 1, "step": 0, "elapsed": 0.0, "best_val_ssim": -1.0}
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        utils.set_rng_state(training["rng"])
+        say(f"resuming {run_name} at epoch {training['epoch']}, step {training['step']}")
+    elif args.kmeans_init:
         kmeans_initialise(model, train_loader)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, codes "
-          f"{prep.image_size[0] // config.scale}x{prep.image_size[1] // config.scale} from K={config.num_embeddings}"
-          f", device {device}; run {run_name}")
+    step_model = model
+    if utils.is_distributed():  # its construction also copies rank 0's weights and codebook to every rank
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if args.compile:
+        step_model = torch.compile(step_model)
+    say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, codes "
+        f"{prep.image_size[0] // config.scale}x{prep.image_size[1] // config.scale} from K={config.num_embeddings}"
+        f", device {device} x {shards['world_size']}; run {run_name}")
 
-    clock = TrainingClock(args, total_steps=args.epochs * len(train_loader))
-    best_ssim, best_row = -1.0, {}
-    for epoch in range(1, args.epochs + 1):
-        train_metrics = train(epoch, train_loader, model, optimizer, clock, args)
-        val = evaluate(model, val_loader)
-        row = {"epoch": epoch, **{k: v for k, v in train_metrics.items() if k != "steps"},
+    clock = TrainingClock(args, args.epochs * len(train_loader), training["step"], training["elapsed"])
+    rows = [row for row in read_rows(figures_dir / "metrics.csv") if int(row["step"]) <= clock.step] if resumed else []
+    best_ssim = training["best_val_ssim"]
+    examples = val_set.as_float(slice(0, RECONSTRUCTION_EXAMPLES)).to(device)
+
+    def checkpoint(epoch: int, totals: EpochTotals, row: dict) -> dict:
+        return {"kind": "vqvae", "config": config.to_dict(), "preprocessing": prep.to_dict(), "run_name": run_name,
+                "data": {"root": str(source.root), "class_names": source.class_names, "demo": args.data is None},
+                "args": {**vars(args), "resume": None}, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "epoch": epoch, "metrics": row, "best_val_ssim": best_ssim,
+                "training": {"epoch": epoch, "step": clock.step, "elapsed": clock.elapsed, "best_val_ssim": best_ssim,
+                             "epoch_totals": totals.to_dict(), "rng": utils.rng_state()}}
+
+    epoch = training["epoch"]
+    totals = EpochTotals.from_dict(training["epoch_totals"], device) if resumed else \
+        EpochTotals.zeros(config.num_embeddings, device)
+    if totals.batches >= len(train_loader):
+        epoch, totals = epoch + 1, EpochTotals.zeros(config.num_embeddings, device)
+    while epoch <= args.epochs and not clock.out_of_steps:
+        save_midway = (lambda t, e=epoch: utils.save_checkpoint(last_path, checkpoint(e, t, {}))) if is_main else None
+        totals = train(epoch, train_loader, step_model, optimizer, clock, args, totals, save_midway)
+        val = evaluate(model, val_loader, ssim_weight=args.ssim_weight)
+        row = {"epoch": epoch, "step": clock.step, **totals.metrics(),
                **{f"val_{k}": val[k] for k in ("loss", "ssim", "psnr", "perplexity", "codebook_usage")},
                "lr": clock.learning_rate(), "seconds": clock.elapsed}
-        utils.append_csv_row(metrics_csv, row)
-        tqdm.write(format_epoch(epoch, row))
-        checkpoint = {"kind": "vqvae", "config": config.to_dict(), "preprocessing": prep.to_dict(),
-                      "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                      "step": clock.step, "metrics": row, "best_val_ssim": max(best_ssim, row["val_ssim"]),
-                      "data": {"root": str(source.root), "class_names": source.class_names,
-                               "demo": args.data is None}, "args": vars(args)}
-        if row["val_ssim"] > best_ssim:
-            best_ssim, best_row = row["val_ssim"], row
-            utils.save_checkpoint(checkpoint_path, checkpoint)
-        save_reconstructions(figures_dir / f"reconstructions_epoch_{epoch:03d}.png", model, examples,
-                             f"{run_name}, epoch {epoch}: validation SSIM {row['val_ssim']:.3f}")
-        if clock.out_of_time:
-            print(f"time limit of {args.time_limit:g}s reached during epoch {epoch}: stopping")
+        if is_main:
+            rows.append(row)
+            utils.write_csv_rows(figures_dir / "metrics.csv", rows)
+            tqdm.write(format_epoch(epoch, row))
+            if row["val_ssim"] > best_ssim:
+                best_ssim = row["val_ssim"]
+                utils.save_checkpoint(best_path, checkpoint(epoch, totals, row))
+            utils.save_checkpoint(last_path, checkpoint(epoch, totals, row))
+            save_reconstructions(figures_dir / f"reconstructions_epoch_{epoch:03d}.png", model, examples,
+                                 f"{run_name}, epoch {epoch}: validation SSIM {row['val_ssim']:.3f}")
+        if clock.should_stop():
+            say(f"stopping during epoch {epoch}: " + (f"time limit of {args.time_limit:g}s reached"
+                                                      if clock.out_of_time else f"{clock.step} steps done"))
             break
-    save_curves(figures_dir / "curves.png", metrics_csv)
-    print(f"best validation SSIM {best_ssim:.4f} (epoch {best_row['epoch']}); checkpoint {checkpoint_path}; "
-          f"figures in {figures_dir}/")
-    print(f"next: python predict.py -m {checkpoint_path}")
-    return {"checkpoint": str(checkpoint_path), "best": best_row, "figures": str(figures_dir)}
+        epoch, totals = epoch + 1, EpochTotals.zeros(config.num_embeddings, device)
+    best = max(rows, key=lambda r: float(r["val_ssim"])) if rows else {}
+    if is_main and rows:
+        save_curves(figures_dir / "curves.png", rows)
+        say(f"best validation SSIM {float(best['val_ssim']):.4f} (epoch {best['epoch']}); checkpoint {best_path}; "
+            f"figures in {figures_dir}/\nnext: python predict.py -m {best_path}")
+    return {"checkpoint": str(best_path), "last_checkpoint": str(last_path), "best": best,
+            "figures": str(figures_dir)}
+
+
+def read_rows(path: Path) -> list[dict]:
+    return utils.read_csv_rows(path) if path.exists() else []
 
 
 if __name__ == "__main__":

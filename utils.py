@@ -44,6 +44,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict:
+    """Every random generator's state, in types that load with weights_only=True."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over all processes (in place); a no-op in a single process."""
+    if is_distributed():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -149,16 +179,17 @@ def load_checkpoint(path: str | os.PathLike, expected_kind: str | None = None) -
     return checkpoint
 
 
-def append_csv_row(path: str | os.PathLike, row: dict) -> None:
-    """Append one row of metrics, writing the header when the file is new."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    is_new = not path.exists()
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if is_new:
+def write_csv_rows(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write all rows of a metrics table at once, atomically (a killed run never leaves a torn line)."""
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
-        writer.writerow(row)
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def read_csv_rows(path: str | os.PathLike) -> list[dict]:
@@ -168,7 +199,7 @@ def read_csv_rows(path: str | os.PathLike) -> list[dict]:
 
 # ----------------------------------------------------------------------------- figures
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,8 +208,8 @@ def _pyplot():
     return plt
 
 
-def _save_figure(fig, path: str | os.PathLike) -> None:
-    plt = _pyplot()
+def save_figure(fig, path: str | os.PathLike) -> None:
+    plt = pyplot()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)
 
@@ -197,7 +228,7 @@ def _show_image(axis, image: torch.Tensor) -> None:
 def save_image_rows(path: str | os.PathLike, columns: dict[str, Sequence[torch.Tensor]], title: str = "",
                     code_columns: Sequence[str] = (), num_codes: int = 0) -> None:
     """One row per example, one column per named image list; code maps are shown with a categorical colour map."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(columns)
     rows = len(columns[names[0]])
     fig, axes = plt.subplots(rows, len(names), figsize=(2.2 * len(names), 2.2 * rows), squeeze=False)
@@ -216,11 +247,11 @@ def save_image_rows(path: str | os.PathLike, columns: dict[str, Sequence[torch.T
                 axis.set_title(name, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def save_image_grid(path: str | os.PathLike, images: torch.Tensor, columns: int = 8, title: str = "") -> None:
-    plt = _pyplot()
+    plt = pyplot()
     rows = (len(images) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows), squeeze=False)
     for index, axis in enumerate(axes.flat):
@@ -230,21 +261,21 @@ def save_image_grid(path: str | os.PathLike, images: torch.Tensor, columns: int 
             axis.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def save_histogram(path: str | os.PathLike, values: np.ndarray, title: str, xlabel: str, bins: int = 40) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axis = plt.subplots(figsize=(5, 3.2))
     axis.hist(values, bins=bins, color="#3b6ea8")
     axis.set_title(title, fontsize=10)
     axis.set_xlabel(xlabel)
     axis.set_ylabel("count")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def save_code_usage_figure(path: str | os.PathLike, code_counts: torch.Tensor, title: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     counts = np.sort(code_counts.cpu().numpy())[::-1]
     fig, axis = plt.subplots(figsize=(6, 3.2))
     axis.bar(np.arange(len(counts)), counts, width=1.0, color="#3b6ea8")
@@ -252,12 +283,12 @@ def save_code_usage_figure(path: str | os.PathLike, code_counts: torch.Tensor, t
     axis.set_title(title, fontsize=10)
     axis.set_xlabel("code (sorted by use)")
     axis.set_ylabel("times used")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def save_training_curves(path: str | os.PathLike, rows: list[dict], panels: dict[str, Sequence[str]]) -> None:
     """One panel per entry of `panels` (title -> metric columns), each metric plotted against epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [float(row["epoch"]) for row in rows]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
     for axis, (title, metrics) in zip(axes[0], panels.items()):
@@ -269,4 +300,4 @@ def save_training_curves(path: str | os.PathLike, rows: list[dict], panels: dict
         axis.set_xlabel("epoch")
         axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
-    _save_figure(fig, path)
+    save_figure(fig, path)

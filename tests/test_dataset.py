@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dataset
-from conftest import make_classes, make_hipmri, make_oasis, phantom_uint8, write_nifti, write_png
+from conftest import make_classes, make_hipmri, phantom_uint8, write_nifti, write_png
 from dataset import BatchLoader, Preprocessing, find_data, fit_to_shape, load_split, read_slices
 from utils import UsageError
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +73,7 @@ def test_same_seed_gives_the_same_model(hipmri_dir: Path, tmp_path: Path):
 
 def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env={**os.environ, "COLUMNS": "400"})  # help text unwrapped
 
 
 def test_bad_input_gives_one_line_and_a_nonzero_exit(tmp_path: Path):
@@ -103,3 +105,19 @@ def test_help_documents_every_option():
     assert result.returncode == 0
     for option in ("--data", "--image-size", "--quantizer", "--time-limit", "--seed", "--batch-size", "--lr"):
         assert option in result.stdout
+
+
+@pytest.mark.parametrize("script", ["train.py", "predict.py", "extract_features.py"])
+def test_readme_documents_every_option(script: str):
+    readme = (ROOT / "README.md").read_text()
+    result = run_script(script, "--help", cwd=ROOT)
+    options = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*(?![\w-])", result.stdout))
+    missing = sorted(option for option in options - {"--help"} if f"`{option}`" not in readme)
+    assert not missing, f"README lacks {missing}"
+
+
+def test_readme_python_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})

@@ -32,7 +32,8 @@ def test_ssim_matches_skimage_on_colour_and_batches():
     rgb = np.stack([pairs[0][0], pairs[1][0], pairs[2][0]], axis=-1)
     rgb_noisy = np.stack([pairs[0][1], pairs[1][1], pairs[2][1]], axis=-1)
     expected = structural_similarity(rgb, rgb_noisy, data_range=1.0, channel_axis=-1)
-    ours = utils.ssim_per_image(torch.tensor(rgb_noisy).permute(2, 0, 1)[None], torch.tensor(rgb).permute(2, 0, 1)[None])
+    ours = utils.ssim_per_image(torch.tensor(rgb_noisy).permute(2, 0, 1)[None],
+                                torch.tensor(rgb).permute(2, 0, 1)[None])
     assert abs(ours.item() - expected) < 1e-3
     batch = utils.ssim_per_image(torch.tensor(np.stack([p[1] for p in pairs]))[:, None],
                                  torch.tensor(np.stack([p[0] for p in pairs]))[:, None])

@@ -1,0 +1,122 @@
+"""Training throughput of this repository's VQ-VAE and, when `monai` is installed, of MONAI's VQVAE.
+
+Both are configured alike (2 downsamplings, 128 hidden channels, 2 residual layers, K=512, D=64) and trained on
+the same random batches with Adam on MSE + their quantization loss; each runs in a fresh process so that peak
+memory is its own. MONAI is an optional benchmark dependency only (`pip install monai`).
+
+    python benchmarks/speed.py --image-size 128 --batch-size 64 --device cpu --steps 10
+    python benchmarks/speed.py --image-size 128 --batch-size 64 --device cuda --steps 100 --compile
+
+Last line: images_per_s=<x> monai_images_per_s=<y> ratio=<x/y>
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+MATCHED = {"downsamples": 2, "hidden": 128, "residual_layers": 2, "num_embeddings": 512, "embedding_dim": 64}
+
+
+def build(which: str) -> tuple[torch.nn.Module, callable]:
+    """The model and a function images -> (reconstruction, quantization loss)."""
+    if which == "ours":
+        from modules import VQVAE, VQVAEConfig
+
+        model = VQVAE(VQVAEConfig(hidden_channels=MATCHED["hidden"], residual_channels=MATCHED["hidden"],
+                                  num_residual_layers=MATCHED["residual_layers"], downsamples=MATCHED["downsamples"],
+                                  num_embeddings=MATCHED["num_embeddings"], embedding_dim=MATCHED["embedding_dim"]))
+
+        def step(module, images):
+            reconstruction, _, loss = module(images)
+            return reconstruction, loss
+
+        return model, step
+    from monai.networks.nets import VQVAE as MonaiVQVAE
+
+    levels = MATCHED["downsamples"]
+    model = MonaiVQVAE(spatial_dims=2, in_channels=1, out_channels=1, channels=(MATCHED["hidden"],) * levels,
+                       num_res_layers=MATCHED["residual_layers"], num_res_channels=(MATCHED["hidden"],) * levels,
+                       downsample_parameters=((2, 4, 1, 1),) * levels, upsample_parameters=((2, 4, 1, 1, 0),) * levels,
+                       num_embeddings=MATCHED["num_embeddings"], embedding_dim=MATCHED["embedding_dim"])
+    return model, lambda module, images: module(images)
+
+
+def measure(which: str, args: argparse.Namespace, results) -> None:
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model, step = build(which)
+    model = model.to(device, memory_format=torch.channels_last)
+    module = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.rand(args.batch_size, 1, args.image_size, args.image_size, generator=generator)
+               .to(device).contiguous(memory_format=torch.channels_last) for _ in range(4)]
+
+    def train_step(images):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            reconstruction, loss = step(module, images)
+        loss = F.mse_loss(reconstruction.float(), images) + loss.float()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for index in range(args.warmup):
+        train_step(batches[index % len(batches)])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for index in range(args.steps):
+        train_step(batches[index % len(batches)])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak resident set
+    results[which] = (args.steps * args.batch_size / (time.perf_counter() - start), peak_mb)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    args = parser.parse_args()
+    try:
+        import monai  # noqa: F401
+
+        models = ["ours", "monai"]
+    except ImportError:
+        models = ["ours"]
+        print("monai is not installed: measuring this repository's model only (pip install monai to compare)")
+    context = multiprocessing.get_context("spawn")
+    results = context.Manager().dict()
+    for which in models:
+        process = context.Process(target=measure, args=(which, args, results))
+        process.start()
+        process.join()
+        if which not in results:
+            raise SystemExit(f"the {which} measurement failed")
+        images_per_s, peak_mb = results[which]
+        memory = "GPU memory" if args.device.startswith("cuda") else "process memory"
+        print(f"{which:>5}: {images_per_s:8.1f} images/s, peak {memory} {peak_mb:,.0f} MB "
+              f"({args.image_size}x{args.image_size}, batch {args.batch_size}, {args.device})")
+    ours = results["ours"][0]
+    theirs = results["monai"][0] if "monai" in results else float("nan")
+    print(f"images_per_s={ours:.1f} monai_images_per_s={theirs:.1f} ratio={ours / theirs:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import extract_features
+import train
+from conftest import write_png
+from test_end_to_end import train_args
+from utils import UsageError
+
+
+def separable_classes(root: Path, per_class: int = 12) -> Path:
+    """Dark slices and bright slices: any sensible feature separates them."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("test", 4)):
+        for name, level in (("dark", 40), ("bright", 200)):
+            for index in range(count):
+                image = np.clip(rng.normal(level, 20, (32, 32)), 0, 255).astype(np.uint8)
+                write_png(root / split / name / f"{index}.png", image)
+    return root
+
+
+@pytest.fixture
+def vqvae_and_data(tmp_path: Path) -> tuple[str, Path]:
+    data = separable_classes(tmp_path / "data")
+    checkpoint = train.main(train_args(tmp_path, data, "--time-limit", "0"))["checkpoint"]
+    return checkpoint, data
+
+
+def test_features_file_holds_every_slice(vqvae_and_data, tmp_path: Path):
+    checkpoint, data = vqvae_and_data
+    out = tmp_path / "features.npz"
+    extract_features.main(["-m", checkpoint, "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    saved = np.load(out)
+    count = len(saved["path"])
+    assert count == 32 and sorted(set(saved["split"])) == ["test", "train", "validate"]
+    assert list(saved["class_names"]) == ["bright", "dark"] and set(saved["label"]) == {0, 1}
+    assert saved["codes"].shape == (count, 8, 8)
+    assert saved["bag_of_codes"].shape == (count, 32)
+    np.testing.assert_allclose(saved["bag_of_codes"].sum(1), 1, atol=1e-5)
+    assert saved["embedding_mean"].shape == saved["embedding_max"].shape == (count, 8)
+    assert (saved["embedding_max"] >= saved["embedding_mean"] - 1e-6).all()
+    for path, label in zip(saved["path"], saved["label"]):
+        assert Path(path).parent.name == list(saved["class_names"])[label]
+
+
+def test_probe_learns_a_trivially_separable_set(vqvae_and_data, tmp_path: Path):
+    checkpoint, _ = vqvae_and_data
+    metrics = tmp_path / "probe.json"
+    results = extract_features.main(["-m", checkpoint, "--out", str(tmp_path / "f.npz"), "--probe",
+                                     "--fractions", "20", "100", "--metrics-json", str(metrics),
+                                     "--cache-dir", str(tmp_path / "cache"), "--resources-dir", str(tmp_path)])
+    assert json.loads(metrics.read_text()) == results
+    assert results["accuracy_features_100"] == 1.0 and results["accuracy_pixels_100"] == 1.0
+    assert results["accuracy_features_20"] >= 0.75
+    assert (tmp_path / Path(checkpoint).stem / "probe.png").exists()
+
+
+def test_balanced_subset_takes_the_fraction_of_every_class():
+    labels = torch.tensor([0] * 150 + [1] * 30)
+    subset = extract_features.balanced_subset(labels, 10, ["a", "b"], seed=0)
+    assert (labels[subset] == 0).sum() == 15 and (labels[subset] == 1).sum() == 3
+    assert torch.equal(subset, extract_features.balanced_subset(labels, 10, ["a", "b"], seed=0))
+    with pytest.raises(UsageError, match="class 'b' has 30 training slices: 1% of them is less than one"):
+        extract_features.balanced_subset(labels, 1, ["a", "b"], seed=0)
+
+
+def test_probe_without_class_folders_is_a_clear_error(hipmri_dir: Path, tmp_path: Path):
+    checkpoint = train.main(train_args(tmp_path, hipmri_dir, "--time-limit", "0"))["checkpoint"]
+    with pytest.raises(UsageError, match="--probe needs labels"):
+        extract_features.main(["-m", checkpoint, "--out", str(tmp_path / "f.npz"), "--probe",
+                               "--cache-dir", str(tmp_path / "cache")])
