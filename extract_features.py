@@ -11,7 +11,6 @@ the code-map size.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     save_probe_figures(folder, results, args.fractions, features[evaluation])
     print(f"figure in {folder}/probe.png")
     if args.metrics_json:
-        utils.atomic_write(args.metrics_json, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+        utils.write_json(args.metrics_json, results)
     return results
 
 

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
           f" max {metrics['ssim_max']:.4f}) | PSNR {metrics['psnr_mean']:.2f} dB | codebook usage "
           f"{metrics['codebook_usage']:.3f} (perplexity {metrics['perplexity']:.1f} of {model.config.num_embeddings})")
     if args.metrics_json:
-        utils.atomic_write(args.metrics_json, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+        utils.write_json(args.metrics_json, metrics)
 
     figures = Path(args.resources_dir) / Path(args.model).stem
     shown = torch.linspace(0, len(slices) - 1, min(args.examples, len(slices))).long()
@@ -175,7 +174,7 @@ def predict_prior(args: argparse.Namespace, device: torch.device) -> dict:
                               code_columns=("code map",), num_codes=prior.config.num_embeddings)
         print(f"figures in {figures}/")
     if args.metrics_json:
-        utils.atomic_write(args.metrics_json, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+        utils.write_json(args.metrics_json, metrics)
     return metrics
 
 

@@ -152,6 +152,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
+def write_json(path: str | os.PathLike, values: dict) -> None:
+    import json
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(values, indent=2)))
+
+
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
