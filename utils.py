@@ -20,6 +20,7 @@ class UsageError(Exception):
 
 def run_cli(main: Callable[[], Any]) -> int:
     """Run a script's main(); a UsageError becomes one line on stderr and a non-zero exit, never a traceback."""
+    sys.stdout.reconfigure(line_buffering=True)  # job logs show each line as it happens, even when redirected
     try:
         main()
     except UsageError as error:
