@@ -228,8 +228,8 @@ class VectorQuantizer(nn.Module):
         self.cluster_size.copy_(torch.where(dead, threshold, self.cluster_size))
 
     @torch.no_grad()
-    def kmeans_init(self, vectors: torch.Tensor, iterations: int = 10) -> None:
-        """Set the codebook to k-means centres of encoder outputs [N, D] (N >= K)."""
+    def kmeans_init(self, vectors: torch.Tensor, iterations: int = 10, batches: int = 1) -> None:
+        """Set the codebook to k-means centres of encoder outputs [N, D] (N >= K) gathered from `batches` batches."""
         vectors = vectors.float()
         centres = vectors[torch.randperm(len(vectors), device=vectors.device)[: self.num_embeddings]].clone()
         for _ in range(iterations):
@@ -240,9 +240,8 @@ class VectorQuantizer(nn.Module):
             used = counts > 0
             centres[used] = sums[used] / counts[used, None]
         self.embedding.data.copy_(centres)
-        counts = self._code_counts(self.nearest_codes(vectors))
-        # Expressed as use per step of a batch of this size, so dead-code restarts leave these codes alone.
-        self.cluster_size.copy_(counts.clamp_min(self.dead_code_threshold))
+        counts = self._code_counts(self.nearest_codes(vectors)) / batches  # use per step, as the moving average
+        self.cluster_size.copy_(counts.clamp_min(self.dead_code_threshold))  # so restarts leave these codes alone
         self.embedding_sum.copy_(centres * self.cluster_size[:, None])
 
 

@@ -305,8 +305,8 @@ def kmeans_initialise(model: VQVAE, loader: BatchLoader, batches: int = 8) -> No
     vectors = torch.cat(latents)
     if len(vectors) < model.config.num_embeddings:
         raise UsageError(f"--kmeans-init needs at least {model.config.num_embeddings} encoder outputs; "
-                         f"the first {batches} batches give {len(vectors)}")
-    model.quantizer.kmeans_init(vectors)
+                         f"the first {len(latents)} batches give {len(vectors)}")
+    model.quantizer.kmeans_init(vectors, batches=len(latents))
 
 
 def save_reconstructions(path: Path, model: VQVAE, images: torch.Tensor, title: str) -> None:

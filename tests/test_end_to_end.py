@@ -121,3 +121,8 @@ def test_readme_python_examples_run():
     assert blocks
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+def test_kmeans_initialisation_runs_in_training(hipmri_dir: Path, tmp_path: Path):
+    result = train.main(train_args(tmp_path, hipmri_dir, "--kmeans-init"))
+    assert float(result["best"]["val_codebook_usage"]) > 0
