@@ -160,6 +160,9 @@ def write_json(path: str | os.PathLike, values: dict) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed while writing this file
+        stale.unlink(missing_ok=True)
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 

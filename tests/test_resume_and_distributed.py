@@ -55,6 +55,7 @@ def test_sigkill_mid_run_leaves_a_checkpoint_that_resumes(hipmri_dir: Path, tmp_
     assert killed_at >= 5
     result = train.main(["--resume", str(last), "--epochs", "3"])
     assert utils.load_checkpoint(result["last_checkpoint"])["training"]["step"] == max(9, killed_at)
+    assert not list((tmp_path / "ck").glob(".*.tmp"))  # a half-written file from the kill is cleaned up
 
 
 def free_port() -> int:

@@ -63,6 +63,9 @@ def test_checkpoint_round_trip_leaves_no_temporary_files(tmp_path: Path):
     loaded = utils.load_checkpoint(path, expected_kind="vqvae")
     assert torch.equal(loaded["model"]["w"], torch.ones(2))
     assert [p.name for p in path.parent.iterdir()] == ["model.pth"]
+    (path.parent / ".model.pth.abc123.tmp").write_bytes(b"half a checkpoint from a killed run")
+    utils.save_checkpoint(path, {"kind": "vqvae", "config": {"a": 2}, "model": {}})
+    assert [p.name for p in path.parent.iterdir()] == ["model.pth"]
     with pytest.raises(UsageError, match="a prior checkpoint is needed"):
         utils.load_checkpoint(path, expected_kind="prior")
 
