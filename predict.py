@@ -54,9 +54,10 @@ def choose_split(available: dict, wanted: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = utils.pick_device(args.device)
-    if utils.load_checkpoint(args.model)["kind"] == "prior":
-        return predict_prior(args, device)
-    model, checkpoint = load_vqvae(args.model, device)
+    checkpoint = utils.load_checkpoint(args.model)
+    if checkpoint["kind"] == "prior":
+        return predict_prior(args, device, checkpoint)
+    model, checkpoint = load_vqvae(args.model, device, checkpoint)
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
     source = find_data(resolve_data_dir(args.data, checkpoint))
     split = choose_split(source.files, args.split)
@@ -87,9 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
-def load_prior(path: str | Path, device: torch.device, vqvae_path: str | None) -> tuple[GatedPixelCNN, dict, tuple]:
+def load_prior(path: str | Path, device: torch.device, vqvae_path: str | None, checkpoint: dict,
+               ) -> tuple[GatedPixelCNN, dict, tuple]:
     """The prior, its checkpoint, and its VQ-VAE (model, checkpoint), refusing a VQ-VAE whose codes differ."""
-    checkpoint = utils.load_checkpoint(path, expected_kind="prior")
     try:
         prior = GatedPixelCNN(PriorConfig.from_dict(checkpoint["config"]))
         prior.load_state_dict(checkpoint["model"])
@@ -146,8 +147,8 @@ def generate(args: argparse.Namespace, prior: GatedPixelCNN, checkpoint: dict, v
     return codes, images, seconds
 
 
-def predict_prior(args: argparse.Namespace, device: torch.device) -> dict:
-    prior, checkpoint, (vqvae, vqvae_checkpoint) = load_prior(args.model, device, args.vqvae)
+def predict_prior(args: argparse.Namespace, device: torch.device, checkpoint: dict) -> dict:
+    prior, checkpoint, (vqvae, vqvae_checkpoint) = load_prior(args.model, device, args.vqvae, checkpoint)
     prep = Preprocessing.from_dict(vqvae_checkpoint["preprocessing"])
     source = find_data(resolve_data_dir(args.data, vqvae_checkpoint))
     split = choose_split(source.files, args.split)

@@ -159,8 +159,10 @@ class TrainingClock:
     Time spent before a resume counts too (`already_elapsed`), so a resumed run continues the same schedule.
     """
 
-    def __init__(self, args: argparse.Namespace, total_steps: int, step: int = 0, already_elapsed: float = 0.0):
+    def __init__(self, args: argparse.Namespace, total_steps: int, step: int = 0, already_elapsed: float = 0.0,
+                 device: torch.device | None = None):
         self.args, self.total_steps, self.step = args, total_steps, step
+        self.device = device or torch.device("cpu")
         self.start = time.perf_counter() - already_elapsed
 
     @property
@@ -190,7 +192,7 @@ class TrainingClock:
         """Out of time or steps; every process takes the same decision (one small all-reduce when distributed)."""
         stop = self.out_of_time or self.out_of_steps
         if utils.is_distributed() and self.args.time_limit is not None:
-            flag = torch.tensor(float(stop))
+            flag = torch.tensor(float(stop), device=self.device)  # NCCL reduces only GPU tensors
             stop = bool(utils.all_reduce_sum(flag).item() > 0)
         return stop
 
@@ -332,9 +334,10 @@ def format_epoch(epoch: int, row: dict) -> str:
             f"perplexity {row['val_perplexity']:.1f} usage {row['val_codebook_usage']:.3f} | {row['seconds']:.0f}s")
 
 
-def load_vqvae(path: str | Path, device: torch.device) -> tuple[VQVAE, dict]:
-    """Rebuild a VQ-VAE from its checkpoint alone."""
-    checkpoint = utils.load_checkpoint(path, expected_kind="vqvae")
+def load_vqvae(path: str | Path, device: torch.device, checkpoint: dict | None = None) -> tuple[VQVAE, dict]:
+    """Rebuild a VQ-VAE from its checkpoint alone (pass `checkpoint` when it is already loaded)."""
+    if checkpoint is None or checkpoint.get("kind") != "vqvae":
+        checkpoint = utils.load_checkpoint(path, expected_kind="vqvae")
     try:
         model = VQVAE(VQVAEConfig.from_dict(checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])
@@ -594,7 +597,7 @@ def train_vqvae(args: argparse.Namespace, rank: int, device: torch.device, resum
         f"{prep.image_size[0] // config.scale}x{prep.image_size[1] // config.scale} from K={config.num_embeddings}"
         f", device {device} x {shards['world_size']}; run {run_name}")
 
-    clock = TrainingClock(args, args.epochs * len(train_loader), training["step"], training["elapsed"])
+    clock = TrainingClock(args, args.epochs * len(train_loader), training["step"], training["elapsed"], device)
     rows = [row for row in read_rows(figures_dir / "metrics.csv") if int(row["step"]) <= clock.step] if resumed else []
     best_ssim = training["best_val_ssim"]
     examples = val_set.as_float(slice(0, RECONSTRUCTION_EXAMPLES)).to(device)
