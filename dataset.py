@@ -390,7 +390,8 @@ class BatchLoader:
 
     Slicing one uint8 tensor is far faster than a DataLoader that collates per-item tensors. `convert` turns a
     stored batch into what the model takes (by default uint8 images to floats in [0, 1]). With world_size > 1
-    each process takes every world_size-th item of the same shuffled order (a distributed sampler).
+    each process takes every world_size-th item of the same shuffled order (a distributed sampler). Data too big
+    for the GPU stays in host memory and each batch is gathered into pinned memory, so its copy is asynchronous.
     """
 
     def __init__(self, data: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
@@ -401,9 +402,7 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         self.data = data
         if device.type == "cuda" and data.numel() * data.element_size() < 0.25 * torch.cuda.mem_get_info(device)[0]:
-            self.data = data.to(device)
-        elif device.type == "cuda":
-            self.data = data.pin_memory()
+            self.data, self.labels = data.to(device), labels.to(device)
 
     def _shard_size(self) -> int:
         count = len(self.data)
@@ -431,11 +430,18 @@ class BatchLoader:
 
     def batches(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This epoch's batches from batch `start` on (to resume an epoch part-way)."""
-        order = self._order()
+        order = self._order().to(self.data.device)  # one copy per epoch: a blocking copy per batch would sync
         for batch in range(start, len(self)):
             index = order[batch * self.batch_size:(batch + 1) * self.batch_size]
-            data = self.data[index.to(self.data.device)].to(self.device, non_blocking=True)
-            yield self.convert(data), self.labels[index].to(self.device, non_blocking=True)
+            yield self.convert(self._take(self.data, index)), self._take(self.labels, index)
+
+    def _take(self, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """values[index] on the training device."""
+        if values.device.type == self.device.type:
+            return values[index]
+        # Gathered straight into page-locked memory: only from there can the copy to the GPU run asynchronously.
+        staged = torch.empty((len(index), *values.shape[1:]), dtype=values.dtype, pin_memory=True)
+        return torch.index_select(values, 0, index, out=staged).to(self.device, non_blocking=True)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.batches()

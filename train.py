@@ -31,6 +31,7 @@ from utils import UsageError
 
 DEFAULT_DEMO_DIR = "data/demo"
 RECONSTRUCTION_EXAMPLES = 6
+STOP_CHECK_EVERY = 10  # steps between distributed time-limit checks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all; 0 = no limit")
     training.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPUs after "
                           "a minute of compiling)")
+    training.add_argument("--precision", choices=utils.PRECISIONS, default="auto",
+                          help="bf16 autocast (the quantizer stays float32) or fp32; auto = bf16 on GPUs with native "
+                          "bfloat16 (compute capability 8.0+), fp32 on older GPUs and CPUs")
     training.add_argument("--seed", type=int, default=0, help="seeds weights, shuffling and codebook restarts")
     training.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     prior = parser.add_argument_group("prior (with --prior)")
@@ -101,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                         help="also write the -last checkpoint every this many steps (it is always written each epoch)")
     output.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly from its -last (or best) "
-                        "checkpoint; --epochs, --time-limit, --max-steps, --device, --compile may be changed")
+                        "checkpoint; --epochs, --time-limit, --max-steps, --device, --compile, --precision "
+                        "may be changed")
     return parser
 
 
@@ -189,12 +194,16 @@ class TrainingClock:
         return self.args.lr * warmup * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * self.progress())))
 
     def should_stop(self) -> bool:
-        """Out of time or steps; every process takes the same decision (one small all-reduce when distributed)."""
-        stop = self.out_of_time or self.out_of_steps
-        if utils.is_distributed() and self.args.time_limit is not None:
-            flag = torch.tensor(float(stop), device=self.device)  # NCCL reduces only GPU tensors
-            stop = bool(utils.all_reduce_sum(flag).item() > 0)
-        return stop
+        """Out of time or steps. Processes must agree on the time, and that costs a host sync (an all-reduce read
+        back), so when distributed the clock is consulted only every STOP_CHECK_EVERY steps."""
+        if self.args.time_limit is None or self.out_of_steps:
+            return self.out_of_steps  # the same step count on every process
+        if not utils.is_distributed():
+            return self.out_of_time
+        if self.step % STOP_CHECK_EVERY:
+            return False
+        flag = torch.tensor(float(self.out_of_time), device=self.device)  # NCCL reduces only GPU tensors
+        return bool(utils.all_reduce_sum(flag).item() > 0)
 
 
 @dataclass
@@ -237,7 +246,7 @@ def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, ssim
 
 
 def train(epoch: int, loader: BatchLoader, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-          clock: TrainingClock, args: argparse.Namespace, totals: EpochTotals,
+          clock: TrainingClock, args: argparse.Namespace, totals: EpochTotals, precision: str = "fp32",
           on_checkpoint: Callable[[EpochTotals], None] | None = None) -> EpochTotals:
     """Train one epoch from batch `totals.batches` on; stops early after the step that runs out of time or steps."""
     model.train()
@@ -248,7 +257,7 @@ def train(epoch: int, loader: BatchLoader, model: torch.nn.Module, optimizer: to
     for images, _ in progress:
         for group in optimizer.param_groups:
             group["lr"] = clock.learning_rate()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with utils.autocast(device, precision):
             reconstruction, indices, vq_loss = model(images)
         recon_loss = reconstruction_loss(reconstruction, images, args.ssim_weight)
         optimizer.zero_grad(set_to_none=True)
@@ -270,7 +279,8 @@ def train(epoch: int, loader: BatchLoader, model: torch.nn.Module, optimizer: to
 
 
 @torch.no_grad()
-def evaluate(model: VQVAE, loader: BatchLoader, description: str = "validate", ssim_weight: float = 0.0) -> dict:
+def evaluate(model: VQVAE, loader: BatchLoader, description: str = "validate", ssim_weight: float = 0.0,
+             precision: str = "fp32") -> dict:
     """Loss (the training objective), SSIM, PSNR and code use over a whole split, summed over all processes."""
     model.eval()
     device = loader.device
@@ -278,7 +288,7 @@ def evaluate(model: VQVAE, loader: BatchLoader, description: str = "validate", s
     ssims = []
     code_counts = torch.zeros(model.config.num_embeddings, device=device)
     for images, _ in progress_bar(loader, desc=description, unit="batch"):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with utils.autocast(device, precision):
             reconstruction, indices, vq_loss = model(images)
         reconstruction = reconstruction.float().clamp(0, 1)
         ssim = utils.ssim_per_image(reconstruction, images)
@@ -392,7 +402,7 @@ def bits_per_code(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 
 def train_prior_epoch(epoch: int, loader: BatchLoader, prior: GatedPixelCNN, optimizer: torch.optim.Optimizer,
-                      clock: TrainingClock, conditional: bool) -> float:
+                      clock: TrainingClock, conditional: bool, precision: str = "fp32") -> float:
     prior.train()
     loader.set_epoch(epoch)
     total, steps = torch.zeros((), device=loader.device), 0
@@ -400,7 +410,7 @@ def train_prior_epoch(epoch: int, loader: BatchLoader, prior: GatedPixelCNN, opt
     for codes, labels in progress:
         for group in optimizer.param_groups:
             group["lr"] = clock.learning_rate()
-        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=loader.device.type == "cuda"):
+        with utils.autocast(loader.device, precision):
             logits = prior(codes, labels if conditional else None)
         loss = bits_per_code(logits, codes).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -418,12 +428,12 @@ def train_prior_epoch(epoch: int, loader: BatchLoader, prior: GatedPixelCNN, opt
 
 
 @torch.no_grad()
-def evaluate_prior(prior: GatedPixelCNN, loader: BatchLoader, conditional: bool) -> float:
+def evaluate_prior(prior: GatedPixelCNN, loader: BatchLoader, conditional: bool, precision: str = "fp32") -> float:
     """Mean negative log-likelihood of a split's code maps, in bits per code."""
     prior.eval()
     values = []
     for codes, labels in progress_bar(loader, desc="prior NLL", unit="batch"):
-        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=loader.device.type == "cuda"):
+        with utils.autocast(loader.device, precision):
             logits = prior(codes, labels if conditional else None)
         values.append(bits_per_code(logits, codes))
     return torch.cat(values).mean().item()
@@ -450,6 +460,7 @@ def main_prior(args: argparse.Namespace) -> dict:
                          num_layers=args.prior_layers, kernel_size=args.prior_kernel_size,
                          num_classes=len(source.class_names) if conditional else 0)
     prior = GatedPixelCNN(config).to(device)
+    precision = utils.resolve_precision(args.precision, device)
     optimizer = torch.optim.Adam(prior.parameters(), lr=args.lr)
     train_loader = code_loader(codes["train"], splits["train"].labels, args.batch_size, True, device, args.seed)
     val_loader = code_loader(codes["validate"], splits["validate"].labels, args.batch_size * 2, False, device)
@@ -460,14 +471,16 @@ def main_prior(args: argparse.Namespace) -> dict:
     uniform = math.log2(config.num_embeddings)
     print(f"prior: {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters over "
           f"{tuple(codes['train'].shape[1:])} code maps, "
-          f"{'conditioned on ' + str(len(source.class_names)) + ' classes' if conditional else 'unconditional'}; "
+          f"{'conditioned on ' + str(len(source.class_names)) + ' classes' if conditional else 'unconditional'}, "
+          f"{device} ({precision}); "
           f"uniform guessing costs {uniform:.2f} bits per code")
     clock = TrainingClock(args, total_steps=args.epochs * len(train_loader))
     best = {"val_bits_per_code": math.inf}
     for epoch in range(1, args.epochs + 1):
-        train_bits = train_prior_epoch(epoch, train_loader, prior, optimizer, clock, conditional)
+        train_bits = train_prior_epoch(epoch, train_loader, prior, optimizer, clock, conditional, precision)
         row = {"epoch": epoch, "train_bits_per_code": train_bits,
-               "val_bits_per_code": evaluate_prior(prior, val_loader, conditional), "seconds": clock.elapsed}
+               "val_bits_per_code": evaluate_prior(prior, val_loader, conditional, precision),
+               "seconds": clock.elapsed}
         rows.append(row)
         utils.write_csv_rows(figures_dir / "metrics.csv", rows)
         tqdm.write(f"prior epoch {epoch:3d} | train {train_bits:.3f} bits/code | validation "
@@ -492,7 +505,7 @@ def main_prior(args: argparse.Namespace) -> dict:
     return {"checkpoint": str(checkpoint_path), "best": best, "figures": str(figures_dir)}
 
 
-RESUME_OVERRIDES = ("epochs", "time_limit", "max_steps", "device", "checkpoint_every", "compile")
+RESUME_OVERRIDES = ("epochs", "time_limit", "max_steps", "device", "checkpoint_every", "compile", "precision")
 
 
 def explicit_options(argv: list[str] | None) -> set[str]:
@@ -587,6 +600,7 @@ def train_vqvae(args: argparse.Namespace, rank: int, device: torch.device, resum
         say(f"resuming {run_name} at epoch {training['epoch']}, step {training['step']}")
     elif args.kmeans_init:
         kmeans_initialise(model, train_loader)
+    precision = utils.resolve_precision(args.precision, device)
     step_model = model
     if utils.is_distributed():  # its construction also copies rank 0's weights and codebook to every rank
         step_model = torch.nn.parallel.DistributedDataParallel(
@@ -595,7 +609,7 @@ def train_vqvae(args: argparse.Namespace, rank: int, device: torch.device, resum
         step_model = torch.compile(step_model)
     say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, codes "
         f"{prep.image_size[0] // config.scale}x{prep.image_size[1] // config.scale} from K={config.num_embeddings}"
-        f", device {device} x {shards['world_size']}; run {run_name}")
+        f", device {device} x {shards['world_size']} ({precision}); run {run_name}")
 
     clock = TrainingClock(args, args.epochs * len(train_loader), training["step"], training["elapsed"], device)
     rows = [row for row in read_rows(figures_dir / "metrics.csv") if int(row["step"]) <= clock.step] if resumed else []
@@ -617,8 +631,8 @@ def train_vqvae(args: argparse.Namespace, rank: int, device: torch.device, resum
         epoch, totals = epoch + 1, EpochTotals.zeros(config.num_embeddings, device)
     while epoch <= args.epochs and not clock.out_of_steps:
         save_midway = (lambda t, e=epoch: utils.save_checkpoint(last_path, checkpoint(e, t, {}))) if is_main else None
-        totals = train(epoch, train_loader, step_model, optimizer, clock, args, totals, save_midway)
-        val = evaluate(model, val_loader, ssim_weight=args.ssim_weight)
+        totals = train(epoch, train_loader, step_model, optimizer, clock, args, totals, precision, save_midway)
+        val = evaluate(model, val_loader, ssim_weight=args.ssim_weight, precision=precision)
         row = {"epoch": epoch, "step": clock.step, **totals.metrics(),
                **{f"val_{k}": val[k] for k in ("loss", "ssim", "psnr", "perplexity", "codebook_usage")},
                "lr": clock.learning_rate(), "seconds": clock.elapsed}

@@ -83,6 +83,26 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' is bf16 on GPUs with native bfloat16 (compute capability 8.0+: A100, H100, RTX 30xx and newer) and
+    fp32 elsewhere: older GPUs (T4, V100) and CPUs only emulate bf16, which is slower than fp32."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bf16" if native else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Mixed precision for the convolutions under `precision` ('bf16' or 'fp32'). bf16 keeps float32's range, so
+    no loss scaling is needed; the quantizer and the losses opt out to float32 themselves."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 # ----------------------------------------------------------------------------- metrics
 
 SSIM_WINDOW = 7  # skimage.metrics.structural_similarity defaults: 7x7 uniform window, sample covariance

@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import utils  # noqa: E402
+
 MATCHED = {"downsamples": 2, "hidden": 128, "residual_layers": 2, "num_embeddings": 512, "embedding_dim": 64}
 
 
@@ -54,6 +56,7 @@ def measure(which: str, args: argparse.Namespace, results) -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
     model, step = build(which)
+    precision = utils.resolve_precision(args.precision, device)
     model = model.to(device, memory_format=torch.channels_last)
     module = torch.compile(model) if args.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -62,7 +65,7 @@ def measure(which: str, args: argparse.Namespace, results) -> None:
                .to(device).contiguous(memory_format=torch.channels_last) for _ in range(4)]
 
     def train_step(images):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with utils.autocast(device, precision):
             reconstruction, loss = step(module, images)
         loss = F.mse_loss(reconstruction.float(), images) + loss.float()
         optimizer.zero_grad(set_to_none=True)
@@ -93,11 +96,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--precision", choices=utils.PRECISIONS, default="auto",
+                        help="autocast of both models, as train.py's --precision")
+    parser.add_argument("--no-monai", action="store_true", help="measure this repository's model only")
     args = parser.parse_args()
     try:
         import monai  # noqa: F401
 
-        models = ["ours", "monai"]
+        models = ["ours"] if args.no_monai else ["ours", "monai"]
     except ImportError:
         models = ["ours"]
         print("monai is not installed: measuring this repository's model only (pip install monai to compare)")
@@ -112,7 +118,8 @@ def main() -> None:
         images_per_s, peak_mb = results[which]
         memory = "GPU memory" if args.device.startswith("cuda") else "process memory"
         print(f"{which:>5}: {images_per_s:8.1f} images/s, peak {memory} {peak_mb:,.0f} MB "
-              f"({args.image_size}x{args.image_size}, batch {args.batch_size}, {args.device})")
+              f"({args.image_size}x{args.image_size}, batch {args.batch_size}, {args.device}, "
+              f"{utils.resolve_precision(args.precision, torch.device(args.device))})")
     ours = results["ours"][0]
     theirs = results["monai"][0] if "monai" in results else float("nan")
     print(f"images_per_s={ours:.1f} monai_images_per_s={theirs:.1f} ratio={ours / theirs:.2f}")

@@ -85,11 +85,14 @@ def test_two_gloo_processes_hold_identical_codebooks():
 
 
 def test_torchrun_with_gloo_trains_and_writes_one_checkpoint(hipmri_dir: Path, tmp_path: Path):
+    options = train_args(tmp_path, hipmri_dir, "--device", "cpu", "--epochs", "15", "--time-limit", "0")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-               str(free_port()), str(ROOT / "train.py"), *train_args(tmp_path, hipmri_dir, "--device", "cpu")]
+               str(free_port()), str(ROOT / "train.py"), *options]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("best validation SSIM") == 1  # only rank 0 reports
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["tiny-last.pth", "tiny.pth"]
-    assert utils.load_checkpoint(tmp_path / "ck" / "tiny.pth")["training"]["step"] == 1  # 12 slices / (4 x 2)
+    # One step per epoch (12 slices / (4 x 2)); out of time from the start, and the ranks agree on it at step 10.
+    assert utils.load_checkpoint(tmp_path / "ck" / "tiny-last.pth")["training"]["step"] == train.STOP_CHECK_EVERY
+    assert "time limit of 0s reached" in result.stdout

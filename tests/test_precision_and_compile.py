@@ -1,0 +1,40 @@
+"""The GPU speed paths that can run on a CPU: bf16 autocast (with a float32 quantizer) and torch.compile."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+import utils
+from test_end_to_end import train_args
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_is_bf16_only_on_gpus_with_native_bf16(monkeypatch, native_bf16: bool, expected: str):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16)
+    assert utils.resolve_precision("auto", torch.device("cuda")) == expected  # A100/H100 vs T4/V100
+    assert utils.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert utils.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(utils.UsageError, match="--precision fp16"):
+        utils.resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_bf16_training_keeps_the_codebook_float32_and_learns(hipmri_dir: Path, tmp_path: Path):
+    result = train.main(train_args(tmp_path, hipmri_dir.parent, "--precision", "bf16", "--epochs", "2"))
+    checkpoint = utils.load_checkpoint(result["checkpoint"])
+    assert checkpoint["model"]["quantizer.embedding"].dtype == torch.float32
+    assert checkpoint["args"]["precision"] == "bf16"
+    rows = utils.read_csv_rows(Path(result["figures"]) / "metrics.csv")
+    assert all(torch.isfinite(torch.tensor(float(row["val_loss"]))) for row in rows)
+    assert float(rows[-1]["train_recon_loss"]) < float(rows[0]["train_recon_loss"])
+
+
+def test_compiled_training_runs_as_one_graph(hipmri_dir: Path, tmp_path: Path):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    result = train.main(train_args(tmp_path, hipmri_dir.parent, "--compile", "--max-steps", "2"))
+    assert utils.load_checkpoint(result["last_checkpoint"])["training"]["step"] == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step really was compiled
+    assert not torch._dynamo.utils.counters["graph_break"]  # a break would split the GPU step into several graphs
