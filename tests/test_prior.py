@@ -10,7 +10,7 @@ import predict
 import train
 import utils
 from conftest import make_classes
-from modules import GatedPixelCNN, PriorConfig
+from modules import GatedPixelCNN, PriorConfig, draw_codes
 from test_end_to_end import train_args
 
 TINY_PRIOR = PriorConfig(num_embeddings=12, hidden_channels=16, num_layers=3, output_channels=16, num_classes=3)
@@ -60,9 +60,16 @@ def test_incremental_sampling_draws_what_the_full_model_predicts(kernel_size: in
     with torch.no_grad():
         for i in range(5):
             for j in range(6):
-                probabilities = torch.softmax(prior(codes, labels)[:, :, i, j], dim=1)
-                codes[:, i, j] = torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+                codes[:, i, j] = draw_codes(prior(codes, labels)[:, :, i, j], generator=generator)
     assert torch.equal(fast, codes)
+
+
+def test_draws_follow_the_softmax_and_the_temperature():
+    logits = torch.log(torch.tensor([[0.5, 0.0, 0.3, 0.2]])).expand(40_000, 4)
+    counts = torch.bincount(draw_codes(logits, generator=torch.Generator().manual_seed(0)), minlength=4)
+    assert torch.allclose(counts / 40_000, torch.tensor([0.5, 0.0, 0.3, 0.2]), atol=0.01)
+    assert counts[1] == 0  # a code of probability zero is never drawn
+    assert (draw_codes(logits[:100], temperature=1e-3) == 0).all()  # near zero temperature: the most likely code
 
 
 def test_sampling_is_deterministic_under_a_seed():
