@@ -419,7 +419,7 @@ def train_prior_epoch(epoch: int, loader: BatchLoader, prior: GatedPixelCNN, opt
         clock.step += 1
         steps += 1
         total += loss.detach()
-        if steps % 25 == 0:
+        if progress.disable is False and steps % 25 == 0:  # reading the loss syncs: only for a visible bar
             progress.set_postfix(bits=f"{(total / steps).item():.3f}")
         if clock.should_stop():
             break
