@@ -4,6 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -13,9 +16,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from utils import progress_bar
 
-from utils import UsageError, atomic_write
+from modules import weights_fingerprint
+from utils import UsageError, atomic_write, file_lock, progress_bar, remove_stale_temporaries
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -80,6 +83,7 @@ class DataSource:
     root: Path
     files: dict[str, list[tuple[Path, str]]]  # split -> [(file, class name or "")]
     notes: list[str] = field(default_factory=list)
+    carved: bool = False  # the validation split was held out of the training folder
 
     @property
     def class_names(self) -> list[str]:
@@ -128,12 +132,53 @@ def _split_folders(root: Path) -> dict[str, Path]:
     return folders
 
 
-def _carve_validation(files: list[tuple[Path, str]], fraction: float) -> tuple[list, list]:
-    """Deterministic: files are ranked by a hash of their name, so the carve-out never depends on order or seed."""
-    ranked = sorted(files, key=lambda item: hashlib.sha1(str(item[0].name).encode()).hexdigest())
-    count = min(max(1, round(fraction * len(files))), len(files) - 1)
-    held_out = {path for path, _ in ranked[:count]}
-    return [f for f in files if f[0] not in held_out], [f for f in files if f[0] in held_out]
+# A subject's id at the start of a file name (case_004_week_0_slice_0.nii.gz -> case_004), else what comes before
+# "_slice" (scan7_slice_12.png -> scan7).
+CASE_ID = re.compile(r"^((?:case|subject|sub|patient|pat)[-_]?\d+)", re.IGNORECASE)
+
+
+def case_id(relative_path: Path) -> str | None:
+    """The case (subject) a slice file belongs to, from its name, with its class folder; None when the name
+    carries none."""
+    name = relative_path.name
+    match = CASE_ID.match(name)
+    if match:
+        case = match.group(1)
+    else:
+        position = name.lower().find("_slice")
+        if position <= 0:
+            return None
+        case = name[:position]
+    return str(relative_path.parent / case)
+
+
+def _hash_rank(key: str) -> str:
+    return hashlib.sha1(key.encode()).hexdigest()
+
+
+def _carve_validation(files: list[tuple[Path, str]], fraction: float, root: Path) -> tuple[list, list, str]:
+    """Hold out about `fraction` of the files as validation, whole cases at a time: slices of one case never land
+    on both sides. Deterministic: cases (or files, when the names carry no case id) are ranked by a hash of their
+    path relative to the data folder, so the carve-out never depends on order or seed."""
+    groups: dict[str, list[Path]] = {}
+    for path, _ in files:
+        relative = path.relative_to(root)
+        groups.setdefault(case_id(relative) or str(relative), []).append(path)
+    if len(groups) < 2:  # one case only: nothing to keep apart, so hold out single files
+        groups = {str(path.relative_to(root)): [path] for path, _ in files}
+    target = min(max(1, round(fraction * len(files))), len(files) - 1)
+    held_out: set[Path] = set()
+    held_groups = 0
+    for key in sorted(groups, key=_hash_rank):
+        if len(held_out) >= target or held_groups == len(groups) - 1:
+            break
+        held_out.update(groups[key])
+        held_groups += 1
+    how = (f"{held_groups} of {len(groups)} cases, grouped by the case id in the file names "
+           f"(e.g. {next(iter(groups))})" if len(groups) < len(files) else "single files")
+    note = (f"no validation split: holding out {len(held_out)} of {len(files)} training files "
+            f"({len(held_out) / len(files):.0%}: {how}), chosen by a hash of their path, the same every run")
+    return [f for f in files if f[0] not in held_out], [f for f in files if f[0] in held_out], note
 
 
 def find_data(data_dir: str | Path, val_fraction: float = 0.1) -> DataSource:
@@ -143,6 +188,7 @@ def find_data(data_dir: str | Path, val_fraction: float = 0.1) -> DataSource:
         raise UsageError(f"{root}: data folder not found")
     if not root.is_dir():
         raise UsageError(f"{root}: --data must be a folder, this is a file")
+    root = root.resolve()  # recorded in checkpoints: later jobs may run from another directory
     notes: list[str] = []
     folders = _split_folders(root)
     if not folders:
@@ -167,13 +213,12 @@ def find_data(data_dir: str | Path, val_fraction: float = 0.1) -> DataSource:
     if not files.get("validate"):
         if len(files["train"]) < 2:
             raise UsageError(f"{root}: only one training image and no validation split; need at least two images")
-        files["train"], files["validate"] = _carve_validation(files["train"], val_fraction)
-        notes.append(f"no validation split: holding out {len(files['validate'])} training files "
-                     f"({val_fraction:.0%}, chosen by file-name hash, the same every run)")
+        files["train"], files["validate"], note = _carve_validation(files["train"], val_fraction, root)
+        notes.append(note)
     if not files.get("test"):
         files.pop("test", None)
         notes.append("no test split found: predict.py will evaluate on the validation split")
-    return DataSource(root, files, notes)
+    return DataSource(root, files, notes, carved="validate" not in folders)
 
 
 # ----------------------------------------------------------------------------- reading one file
@@ -314,10 +359,11 @@ def _cache_key(files: Sequence[tuple[Path, str]], prep: Preprocessing, min_side:
 
 def _decode_files(files: Sequence[tuple[Path, str]], prep: Preprocessing, min_side: int, description: str):
     slices, sources, labels, skipped = [], [], [], []
-    with ThreadPoolExecutor(max_workers=4) as pool:  # decompression and decoding release the GIL
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # decompression and decoding release the GIL
         results = pool.map(lambda item: _try_preprocess(item[0], prep, min_side), files)
         for (path, label), (result, problem) in progress_bar(zip(files, results), total=len(files), desc=description,
-                                                       unit="file"):
+                                                             unit="file"):
             if problem is not None:
                 skipped.append(f"{path}: {problem}")
                 continue
@@ -353,32 +399,73 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
+def _save_stacked(path: Path, slices: list[np.ndarray]) -> None:
+    """Write equal-shaped arrays as one .npy, one at a time: no second copy of the data set in memory."""
+    def write(tmp: str) -> None:
+        stacked = np.lib.format.open_memmap(tmp, mode="w+", dtype=slices[0].dtype, shape=(len(slices),
+                                                                                           *slices[0].shape))
+        for index, image in enumerate(slices):
+            stacked[index] = image
+        stacked.flush()
+        del stacked
+
+    atomic_write(path, write)
+
+
+def open_cached(path: Path) -> torch.Tensor:
+    """A cached array as a tensor backed by the file (copy-on-write memory map): processes on one node share the
+    pages of the operating system's file cache instead of holding a copy each."""
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
+
+
+def build_once(ready: Callable[[], bool], build: Callable[[], None], outputs: Sequence[Path], log: Log) -> bool:
+    """Build a cache unless it is complete already, one process at a time: the others wait on a file lock and then
+    find it complete. Leftovers of a build that was killed are removed first. True when this process built it."""
+    if ready():
+        return False
+    with file_lock(outputs[0].with_name(f".{outputs[0].name}.lock"), log):
+        if ready():
+            return False
+        for output in outputs:
+            remove_stale_temporaries(output)
+        build()
+    return True
+
+
 def load_split(source: DataSource, split: str, prep: Preprocessing, cache_dir: str | Path, min_side: int = 1,
                log: Log = print) -> SliceSet:
-    """Preprocessed slices of one split, decoded once and then read from an on-disk uint8 cache."""
+    """Preprocessed slices of one split, decoded once into an on-disk uint8 cache and then memory-mapped.
+
+    Of several processes asking at once (torchrun's ranks), one decodes while the others wait on a file lock."""
     files = source.files[split]
     cache_dir = Path(cache_dir)
     key = _cache_key(files, prep, min_side)
     images_path, index_path = cache_dir / f"{split}-{key}.npy", cache_dir / f"{split}-{key}.json"
-    if images_path.exists() and index_path.exists():
-        index = json.loads(index_path.read_text())
-        images = np.load(images_path, mmap_mode="r")
+    built = build_once(index_path.exists,  # the index is written last: it vouches for the images
+                       lambda: _build_cache(source, split, files, prep, min_side, images_path, index_path, log),
+                       [images_path, index_path], log)
+    index = json.loads(index_path.read_text())
+    if not built:
         _report_skipped(split, index["skipped"], len(files), log)
-    else:
-        slices, sources, labels, skipped = _decode_files(files, prep, min_side, f"reading {split}")
-        _report_skipped(split, skipped, len(files), log)
-        if not slices:
-            first = f" (first problem: {skipped[0]})" if skipped else ""
-            raise UsageError(f"{source.root}: none of the {len(files)} files in the {split} split "
-                             f"could be used{first}")
-        images = np.stack(slices)
-        index = {"sources": sources, "labels": labels, "skipped": skipped}
-        save_npy(images_path, images)
-        atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index)))
     class_names = source.class_names
     label_ids = [class_names.index(label) if label in class_names else -1 for label in index["labels"]]
-    return SliceSet(torch.from_numpy(np.array(images)), torch.tensor(label_ids, dtype=torch.long),
-                    index["sources"], class_names, split, key)
+    return SliceSet(open_cached(images_path), torch.tensor(label_ids, dtype=torch.long), index["sources"],
+                    class_names, split, key)
+
+
+def _build_cache(source: DataSource, split: str, files: Sequence[tuple[Path, str]], prep: Preprocessing,
+                 min_side: int, images_path: Path, index_path: Path, log: Log) -> None:
+    start = time.perf_counter()
+    slices, sources, labels, skipped = _decode_files(files, prep, min_side, f"reading {split}")
+    seconds = time.perf_counter() - start
+    log(f"decoded {len(files)} {split} files in {seconds:.1f}s ({len(files) / max(seconds, 1e-9):.0f} files/s)")
+    _report_skipped(split, skipped, len(files), log)
+    if not slices:
+        first = f" (first problem: {skipped[0]})" if skipped else ""
+        raise UsageError(f"{source.root}: none of the {len(files)} files in the {split} split could be used{first}")
+    _save_stacked(images_path, slices)
+    index = {"sources": sources, "labels": labels, "skipped": skipped}
+    atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index)))  # written last: vouches for both
 
 
 def unit_float(images: torch.Tensor) -> torch.Tensor:
@@ -389,30 +476,50 @@ class BatchLoader:
     """Batches (data, labels) from tensors held in memory (on the GPU when they fit there).
 
     Slicing one uint8 tensor is far faster than a DataLoader that collates per-item tensors. `convert` turns a
-    stored batch into what the model takes (by default uint8 images to floats in [0, 1]). With world_size > 1
-    each process takes every world_size-th item of the same shuffled order (a distributed sampler). Data too big
-    for the GPU stays in host memory and each batch is gathered into pinned memory, so its copy is asynchronous.
+    stored batch into what the model takes (by default uint8 images to floats in [0, 1]).
+
+    With world_size > 1 each process takes every world_size-th item of the same epoch order (a distributed
+    sampler). With even_shards (the default when shuffling, for training) the order is wrapped around to a
+    multiple of world_size, so every process makes the same number of steps: DistributedDataParallel waits for
+    all. Data too big for the GPU (or on_device=False) stays in host memory and each batch is gathered into pinned
+    memory, so its copy is asynchronous.
     """
 
     def __init__(self, data: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
                  device: torch.device, seed: int = 0, drop_last: bool = False,
-                 convert: Callable[[torch.Tensor], torch.Tensor] = unit_float, rank: int = 0, world_size: int = 1):
+                 convert: Callable[[torch.Tensor], torch.Tensor] = unit_float, rank: int = 0, world_size: int = 1,
+                 even_shards: bool | None = None, on_device: bool | None = None):
         self.labels, self.batch_size, self.shuffle, self.convert = labels, batch_size, shuffle, convert
         self.device, self.seed, self.drop_last, self.epoch = device, seed, drop_last, 0
         self.rank, self.world_size = rank, world_size
+        self.even_shards = shuffle if even_shards is None else even_shards
         self.data = data
-        if device.type == "cuda" and data.numel() * data.element_size() < 0.25 * torch.cuda.mem_get_info(device)[0]:
+        if on_device is None:
+            on_device = device.type == "cuda" and \
+                data.numel() * data.element_size() < 0.25 * torch.cuda.mem_get_info(device)[0]
+        if on_device and device.type == "cuda":
             self.data, self.labels = data.to(device), labels.to(device)
 
-    def _shard_size(self) -> int:
-        count = len(self.data)
-        if self.drop_last:
-            return count // self.world_size
-        return max(0, math.ceil((count - self.rank) / self.world_size))
+    def _shard_size(self, start_item: int = 0) -> int:
+        remaining = max(0, len(self.data) - start_item)
+        if self.even_shards:
+            return math.ceil(remaining / self.world_size)
+        return max(0, math.ceil((remaining - self.rank) / self.world_size))
+
+    def _batch_count(self, items: int) -> int:
+        return items // self.batch_size if self.drop_last else math.ceil(items / self.batch_size)
 
     def __len__(self) -> int:
-        size = self._shard_size()
-        return size // self.batch_size if self.drop_last else math.ceil(size / self.batch_size)
+        """Batches of a whole epoch on this process."""
+        return self._batch_count(self._shard_size())
+
+    def batches_left(self, start_item: int) -> int:
+        return self._batch_count(self._shard_size(start_item))
+
+    @property
+    def items_per_step(self) -> int:
+        """Items of the epoch order that one step consumes over all processes."""
+        return self.batch_size * self.world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -421,18 +528,26 @@ class BatchLoader:
         count = len(self.data)
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(count, generator=generator)
-        else:
-            order = torch.arange(count)
-        if self.drop_last:
-            order = order[: count - count % self.world_size]
-        return order[self.rank::self.world_size]
+            return torch.randperm(count, generator=generator)
+        return torch.arange(count)
 
-    def batches(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This epoch's batches from batch `start` on (to resume an epoch part-way)."""
-        order = self._order().to(self.data.device)  # one copy per epoch: a blocking copy per batch would sync
-        for batch in range(start, len(self)):
-            index = order[batch * self.batch_size:(batch + 1) * self.batch_size]
+    def _shard(self, start_item: int) -> torch.Tensor:
+        """This process's items of the epoch order from position start_item on (to resume part-way, also with
+        another number of processes)."""
+        order = self._order()
+        remaining = order[start_item:]
+        if self.even_shards and len(remaining) % self.world_size:
+            missing = self.world_size - len(remaining) % self.world_size
+            remaining = torch.cat([remaining, order.repeat(math.ceil(missing / len(order)))[:missing]])
+        return remaining[self.rank::self.world_size]
+
+    def batches(self, start_item: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This epoch's batches, from position start_item of the epoch order on."""
+        shard = self._shard(start_item)
+        if self.data.device.type == "cuda":  # one asynchronous copy per epoch: a blocking copy per batch would sync
+            shard = shard.pin_memory().to(self.data.device, non_blocking=True)
+        for batch in range(self._batch_count(len(shard))):
+            index = shard[batch * self.batch_size:(batch + 1) * self.batch_size]
             yield self.convert(self._take(self.data, index)), self._take(self.labels, index)
 
     def _take(self, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -445,6 +560,74 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.batches()
+
+
+def to_codes(stored: torch.Tensor) -> torch.Tensor:
+    return stored.long()
+
+
+def code_loader(codes: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, device: torch.device,
+                seed: int = 0, rank: int = 0, world_size: int = 1) -> BatchLoader:
+    """Batches of code maps (stored compactly, as int16) as long tensors."""
+    return BatchLoader(codes, labels, batch_size, shuffle, device, seed, convert=to_codes, rank=rank,
+                       world_size=world_size, drop_last=shuffle and len(codes) > batch_size * world_size)
+
+
+@torch.no_grad()
+def encode_split(model: torch.nn.Module, slices: SliceSet, device: torch.device, cache_dir: str | Path,
+                 batch_size: int = 128, log: Log = print) -> torch.Tensor:
+    """Code maps [N, h, w] of a split (int16, or int32 for codebooks over 32767), computed once per (data, model)
+    and cached on disk, built once like the slices. `model` has code_map(images) and config.num_embeddings."""
+    path = Path(cache_dir) / f"codes-{slices.name}-{slices.cache_key}-{weights_fingerprint(model)}.npy"
+    dtype = torch.int16 if model.config.num_embeddings <= 32767 else torch.int32
+
+    def encode() -> None:
+        model.eval()
+        loader = BatchLoader(slices.images, slices.labels, batch_size, shuffle=False, device=device)
+        codes = [model.code_map(images).to("cpu", dtype)
+                 for images, _ in progress_bar(loader, desc=f"encoding {slices.name}", unit="batch")]
+        save_npy(path, torch.cat(codes).numpy())
+
+    build_once(path.exists, encode, [path], log)
+    return torch.from_numpy(np.load(path))
+
+
+def prior_evaluation_loaders(codes: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
+                             conditional: bool, rank: int = 0, world_size: int = 1,
+                             ) -> tuple[BatchLoader, BatchLoader | None]:
+    """Evaluation batches of code maps for a prior: all of them; for a class-conditional prior, those with a class
+    label, and apart those without one (None when every map has one), which are scored under the class mixture."""
+    shards = {"rank": rank, "world_size": world_size}
+    if not conditional:
+        return code_loader(codes, labels, batch_size, False, device, **shards), None
+    has_label = labels >= 0
+    unlabelled = None
+    if not bool(has_label.all()):
+        unlabelled = code_loader(codes[~has_label], labels[~has_label], batch_size, False, device, **shards)
+    return code_loader(codes[has_label], labels[has_label], batch_size, False, device, **shards), unlabelled
+
+
+def checkpoint_data(checkpoint: dict, override: str | None = None, log: Log = print) -> DataSource:
+    """The splits a VQ-VAE checkpoint was trained with: its data folder (or `override`), with the validation split
+    carved from the training folder as it was then."""
+    recorded = checkpoint.get("data", {})
+    source = find_data(data_dir_of(checkpoint, override, log), recorded.get("val_fraction", 0.1))
+    if source.carved and "val_fraction" not in recorded:
+        log("warning: this checkpoint was trained before validation splits were carved by case: the validation split"
+            " is carved anew and may hold files the model trained on")
+    return source
+
+
+def data_dir_of(checkpoint: dict, override: str | None = None, log: Log = print) -> Path:
+    """The data folder a checkpoint was trained on (or `override`), regenerating the demo data if it is gone."""
+    if override is not None:
+        return Path(override)
+    recorded = checkpoint.get("data", {})
+    if "root" not in recorded:
+        raise UsageError("the checkpoint does not record its data folder: pass --data")
+    if recorded.get("demo"):  # regenerated if deleted: it is deterministic
+        return make_demo_data(Path(recorded["root"]).parent, log=log)
+    return Path(recorded["root"])
 
 
 # ----------------------------------------------------------------------------- demo data
@@ -513,14 +696,22 @@ def make_phantom(case_rng_seed: int, position: float, shape: tuple[int, int] = D
 def make_demo_data(root: str | Path, counts: dict[str, int] | None = None, shape: tuple[int, int] = DEMO_SHAPE,
                    seed: int = 0, log: Log = print) -> Path:
     """Write the synthetic phantom set once, deterministically, as 2D NIfTI in the HipMRI layout."""
-    import nibabel as nib
-
     counts = counts or DEMO_COUNTS
-    data_dir = Path(root) / "keras_slices_data"
+    data_dir = Path(root).resolve() / "keras_slices_data"
     marker = data_dir / ".complete.json"
     settings = {"counts": counts, "shape": list(shape), "seed": seed, "version": 1}
-    if marker.exists() and json.loads(marker.read_text()) == settings:
-        return data_dir
+
+    def write() -> None:
+        _write_demo_data(data_dir, counts, shape, seed, log)
+        atomic_write(marker, lambda tmp: Path(tmp).write_text(json.dumps(settings)))  # written last: vouches for all
+
+    build_once(lambda: marker.exists() and json.loads(marker.read_text()) == settings, write, [marker], log)
+    return data_dir
+
+
+def _write_demo_data(data_dir: Path, counts: dict[str, int], shape: tuple[int, int], seed: int, log: Log) -> None:
+    import nibabel as nib
+
     log(f"generating the built-in demo data (synthetic pelvis-like MRI phantoms) in {data_dir} ...")
     case_offset = {"train": 0, "validate": 10_000, "test": 20_000}
     for split, count in counts.items():
@@ -531,6 +722,4 @@ def make_demo_data(root: str | Path, counts: dict[str, int] | None = None, shape
             image = make_phantom(seed * 1_000_003 + case_offset[split] + case, slice_index / DEMO_SLICES_PER_CASE,
                                  shape)
             path = folder / f"case_{case:03d}_week_0_slice_{slice_index}.nii.gz"
-            nib.save(nib.Nifti1Image(image, np.eye(4)), str(path))  # the marker, written last, vouches for all
-    atomic_write(marker, lambda tmp: Path(tmp).write_text(json.dumps(settings)))
-    return data_dir
+            nib.save(nib.Nifti1Image(image, np.eye(4)), str(path))

@@ -20,24 +20,27 @@ import torch
 import torch.nn.functional as F
 
 import utils
-from dataset import Preprocessing, SliceSet, find_data, load_split
+from dataset import Preprocessing, SliceSet, checkpoint_data, encode_split, load_split
 from modules import VQVAE
-from train import encode_split, load_vqvae, resolve_data_dir
 from utils import UsageError
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the description's own line breaks kept."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("-m", "--model", required=True, help="VQ-VAE checkpoint written by train.py")
-    parser.add_argument("--data", help="data folder (default: the one the checkpoint was trained on)")
-    parser.add_argument("--out", default="features.npz", help="where the features are written (default: %(default)s)")
+    parser.add_argument("--data", help="data folder; default: the one the checkpoint was trained on")
+    parser.add_argument("--out", default="features.npz", help="where the features are written")
     parser.add_argument("--probe", action="store_true", help="train and test linear probes (needs class folders)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[1, 10, 100],
-                        help="percentages of the training labels the probe may use (default: 1 10 100)")
+                        help="percentages of the training labels the probe may use")
     parser.add_argument("--metrics-json", help="write the probe accuracies to this JSON file")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the choice of labelled slices (default: 0)")
-    parser.add_argument("--batch-size", type=int, default=128, help="slices per forward pass (default: 128)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the choice of labelled slices")
+    parser.add_argument("--batch-size", type=int, default=128, help="slices per forward pass")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--cache-dir", default=".cache/slices", help="cache of decoded slices and codes")
     parser.add_argument("--resources-dir", default="resources", help="figures go to <dir>/<checkpoint>/")
     return parser.parse_args(argv)
@@ -46,33 +49,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @dataclass
 class SplitFeatures:
     slices: SliceSet
-    codes: torch.Tensor  # [N, h, w]
+    codes: torch.Tensor  # [N, h, w], int16 (int32 for K > 32767)
     bag_of_codes: torch.Tensor  # [N, K]
     embedding_mean: torch.Tensor  # [N, D]
     embedding_max: torch.Tensor  # [N, D]
+    pixels: torch.Tensor  # [N, C * h * w]: the slices average-pooled to the code-map size, the baseline
 
     def vectors(self) -> torch.Tensor:
         return torch.cat([self.bag_of_codes, self.embedding_mean, self.embedding_max], dim=1)
-
-    def pixels(self, scale: int) -> torch.Tensor:
-        """Raw pixels average-pooled to the code-map size: the baseline the features must beat."""
-        images = self.slices.as_float(slice(None))
-        return F.avg_pool2d(images, scale).flatten(1)
 
 
 @torch.no_grad()
 def split_features(model: VQVAE, slices: SliceSet, device: torch.device, cache_dir: str, batch_size: int,
                    ) -> SplitFeatures:
+    """Every feature of a split, computed batch by batch: memory stays a small multiple of the features."""
     codes = encode_split(model, slices, device, cache_dir, batch_size)
-    num_codes = model.config.num_embeddings
-    counts = F.one_hot(codes.flatten(1), num_codes).sum(dim=1).float()
-    bag = counts / counts.sum(dim=1, keepdim=True)
-    means, maxima = [], []
+    num_codes, scale = model.config.num_embeddings, model.config.scale
+    parts: dict[str, list[torch.Tensor]] = {"bag": [], "mean": [], "max": [], "pixels": []}
     for start in range(0, len(codes), batch_size):
-        embedded = model.quantizer.lookup(codes[start:start + batch_size].to(device)).flatten(2)
-        means.append(embedded.mean(dim=2).cpu())
-        maxima.append(embedded.amax(dim=2).cpu())
-    return SplitFeatures(slices, codes, bag, torch.cat(means), torch.cat(maxima))
+        batch = codes[start:start + batch_size].to(device).long()
+        flat = batch.flatten(1)
+        counts = torch.zeros(len(batch), num_codes, device=device).scatter_add_(
+            1, flat, torch.ones(flat.shape, device=device))  # a histogram per slice, without a one-hot tensor
+        parts["bag"].append((counts / flat.shape[1]).cpu())
+        embedded = model.quantizer.lookup(batch).flatten(2)
+        parts["mean"].append(embedded.mean(dim=2).cpu())
+        parts["max"].append(embedded.amax(dim=2).cpu())
+        parts["pixels"].append(F.avg_pool2d(slices.as_float(slice(start, start + batch_size)), scale).flatten(1))
+    return SplitFeatures(slices, codes, *(torch.cat(parts[name]) for name in ("bag", "mean", "max", "pixels")))
 
 
 def save_features(path: str | Path, features: dict[str, SplitFeatures]) -> None:
@@ -86,7 +90,7 @@ def save_features(path: str | Path, features: dict[str, SplitFeatures]) -> None:
         "split": column(lambda f: np.array([f.slices.name] * len(f.codes), dtype=str)),
         "label": column(lambda f: f.slices.labels.numpy()),
         "class_names": np.array(features[splits[0]].slices.class_names, dtype=str),
-        "codes": column(lambda f: f.codes.numpy().astype(np.int16)),
+        "codes": column(lambda f: f.codes.numpy()),
         "bag_of_codes": column(lambda f: f.bag_of_codes.numpy()),
         "embedding_mean": column(lambda f: f.embedding_mean.numpy()),
         "embedding_max": column(lambda f: f.embedding_max.numpy()),
@@ -141,11 +145,11 @@ def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
     return (predictions == test_y).float().mean().item()
 
 
-def run_probes(features: dict[str, SplitFeatures], evaluation: str, scale: int, fractions: list[float],
+def run_probes(features: dict[str, SplitFeatures], evaluation: str, fractions: list[float],
                seed: int) -> dict[str, float]:
     train, test = features["train"], features[evaluation]
     class_names = train.slices.class_names
-    inputs = {"features": (train.vectors(), test.vectors()), "pixels": (train.pixels(scale), test.pixels(scale))}
+    inputs = {"features": (train.vectors(), test.vectors()), "pixels": (train.pixels, test.pixels)}
     results = {}
     for percent in fractions:
         subset = balanced_subset(train.slices.labels, percent, class_names, seed)
@@ -191,9 +195,9 @@ def save_probe_figures(folder: Path, results: dict[str, float], fractions: list[
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = utils.pick_device(args.device)
-    model, checkpoint = load_vqvae(args.model, device)
+    model, checkpoint = utils.load_vqvae(args.model, device)
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
-    source = find_data(resolve_data_dir(args.data, checkpoint))
+    source = checkpoint_data(checkpoint, args.data)
     features = {}
     for split in source.files:
         slices = load_split(source, split, prep, args.cache_dir, min_side=model.config.scale)
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     evaluation = "test" if "test" in features else "validate"
     if evaluation == "validate":
         print("no test split: the probes are evaluated on the validation split")
-    results = run_probes(features, evaluation, model.config.scale, args.fractions, args.seed)
+    results = run_probes(features, evaluation, args.fractions, args.seed)
     print(f"linear probe accuracy on the {evaluation} split ({len(features[evaluation].codes)} slices, "
           f"{len(source.class_names)} classes):")
     print(f"  {'labels':>7}  {'features':>8}  {'pixels':>8}")

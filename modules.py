@@ -1,6 +1,9 @@
-"""The networks: Encoder, VectorQuantizer, Decoder and the VQVAE that joins them."""
+"""The networks: Encoder, VectorQuantizer, Decoder and the VQVAE that joins them; the PixelCNN prior."""
 from __future__ import annotations
 
+import hashlib
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -40,25 +43,41 @@ class VQVAEConfig:
         return 2**self.downsamples
 
 
+DISTANCE_ELEMENTS = 2**24  # the most entries of the vector-to-code distance matrix held at once (64 MB)
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _all_reduce_sum(*tensors: torch.Tensor) -> None:
-    if _distributed():
-        for tensor in tensors:
-            torch.distributed.all_reduce(tensor)
-
-
-def _broadcast_from_first(tensor: torch.Tensor) -> None:
-    if _distributed():
-        torch.distributed.broadcast(tensor, src=0)
+def _is_first_process() -> bool:
+    return not _distributed() or torch.distributed.get_rank() == 0
 
 
 def count_codes(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
     """How often each code occurs. Unlike torch.bincount this never waits for the GPU (no max to read back)."""
     flat = indices.flatten()
     return torch.zeros(num_codes, device=flat.device).index_add_(0, flat, torch.ones(len(flat), device=flat.device))
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """Identifies a model's weights, so that caches and priors can tell whether its codes still mean the same.
+    The quantizer's restart candidates never change a code and are left out (so fingerprints made before they
+    existed still match)."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.endswith("restart_candidates"):
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _draw(population: int, count: int, device: torch.device) -> torch.Tensor:
+    """count indices below population, without repeats where there are enough."""
+    if population >= count:
+        return torch.randperm(population, device=device)[:count]
+    return torch.randint(0, population, (count,), device=device)
 
 
 def _norm(channels: int, kind: str) -> nn.Module:
@@ -145,7 +164,11 @@ class VectorQuantizer(nn.Module):
     With quantizer="ema" the codebook follows moving averages of the encoder outputs assigned to each code
     (Laplace-smoothed cluster sizes) and the loss is only beta * commitment; with "gradient" the loss is
     codebook loss + beta * commitment. Either way, codes whose moving-average use falls below
-    dead_code_threshold are re-seeded from encoder outputs of the current batch. Computes in float32.
+    dead_code_threshold are re-seeded from encoder outputs of the previous training step. Computes in float32.
+
+    Under torch.distributed every process holds the same codebook: each training step makes exactly one
+    collective call, an all-reduce of the code counts, the sums of the vectors assigned to each code and the first
+    process's restart candidates, so every process applies the same update.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, beta: float = 0.25, quantizer: str = "ema",
@@ -159,20 +182,33 @@ class VectorQuantizer(nn.Module):
         self.dead_code_threshold = dead_code_threshold
         initial = torch.empty(num_embeddings, embedding_dim).uniform_(-1 / num_embeddings, 1 / num_embeddings)
         self.embedding = nn.Parameter(initial, requires_grad=not self.use_ema)
-        # Moving-average use of each code per step; starting at zero makes every code "dead" at the first
-        # training step, so the whole codebook is seeded from real encoder outputs.
+        # Moving-average use of each code per step. Starting at zero makes every code "dead", so the codebook is
+        # seeded from real encoder outputs (by initialise(), or by the restarts of the second training step).
         self.register_buffer("cluster_size", torch.zeros(num_embeddings))
-        self.register_buffer("embedding_sum", initial.clone())
+        # Moving-average sum of the vectors assigned to each code: zero, like the counts, until a code is used.
+        self.register_buffer("embedding_sum", torch.zeros(num_embeddings, embedding_dim))
+        # Encoder outputs of the last training step (the same on every process), for codes that die.
+        self.register_buffer("restart_candidates", initial.clone())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before restart candidates were kept: start from the codebook itself.
+        state_dict.setdefault(prefix + "restart_candidates", state_dict.get(prefix + "embedding", self.embedding))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def nearest_codes(self, flat: torch.Tensor) -> torch.Tensor:
         codebook = self.embedding.float()
-        # |x|^2 is the same for every code, so argmin needs only |e|^2 - 2 x.e: one fused matrix product.
-        distances = torch.addmm(codebook.pow(2).sum(1)[None, :], flat, codebook.t(), alpha=-2.0)
-        return distances.argmin(dim=1)
+        squared_norms = codebook.pow(2).sum(1)[None, :]
+        # |x|^2 is the same for every code, so argmin needs only |e|^2 - 2 x.e: one fused matrix product per chunk
+        # of rows, so that the distance matrix stays small however many vectors come at once (a training batch is
+        # one chunk).
+        rows = max(1, DISTANCE_ELEMENTS // self.num_embeddings)
+        return torch.cat([torch.addmm(squared_norms, chunk, codebook.t(), alpha=-2.0).argmin(dim=1)
+                          for chunk in flat.split(rows)])
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code vectors for indices [B, H, W] as a [B, D, H, W] tensor."""
-        return F.embedding(indices, self.embedding.float()).permute(0, 3, 1, 2).contiguous()
+        """Code vectors for indices [B, H, W] as a [B, D, H, W] tensor, channels-last in memory (as the
+        convolutions around it prefer: no copy)."""
+        return F.embedding(indices, self.embedding.float()).permute(0, 3, 1, 2)
 
     def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.autocast(device_type=latents.device.type, enabled=False):
@@ -180,14 +216,10 @@ class VectorQuantizer(nn.Module):
             batch, _, height, width = latents.shape
             flat = latents.permute(0, 2, 3, 1).reshape(-1, self.embedding_dim)
             if self.training:
-                self._restart_dead_codes(flat.detach())
+                self._restart_dead_codes()
             indices = self.nearest_codes(flat.detach())
-            if self.training and self.use_ema:
-                self._ema_update(flat.detach(), indices)
-            elif self.training:
-                counts = self._code_counts(indices)
-                _all_reduce_sum(counts)
-                self._track_usage(counts)
+            if self.training:
+                self._update(flat.detach(), indices)
             indices = indices.view(batch, height, width)
             quantized = self.lookup(indices)
             loss = self.beta * F.mse_loss(latents, quantized.detach())
@@ -196,53 +228,67 @@ class VectorQuantizer(nn.Module):
             quantized = latents + (quantized - latents).detach()  # straight-through estimator
         return quantized, indices, loss
 
-    def _code_counts(self, indices: torch.Tensor) -> torch.Tensor:
-        return count_codes(indices, self.num_embeddings)
-
-    def _track_usage(self, counts: torch.Tensor) -> None:
+    @torch.no_grad()
+    def _update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
+        """Code use, the EMA codebook and the restart candidates, from one all-reduce over all processes."""
+        statistics = [count_codes(indices, self.num_embeddings)[:, None]]
+        if self.use_ema:
+            statistics.append(torch.zeros_like(self.embedding_sum).index_add_(0, indices, flat))
+        if self.dead_code_threshold > 0:
+            candidates = flat[torch.randint(0, flat.shape[0], (self.num_embeddings,), device=flat.device)]
+            statistics.append(candidates if _is_first_process() else torch.zeros_like(candidates))
+        packed = torch.cat(statistics, dim=1)
+        if _distributed():
+            torch.distributed.all_reduce(packed)
+        counts = packed[:, 0]
         self.cluster_size.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
+        if self.use_ema:
+            self.embedding_sum.mul_(self.ema_decay).add_(packed[:, 1:1 + self.embedding_dim],
+                                                         alpha=1 - self.ema_decay)
+            total = self.cluster_size.sum()
+            smoothed = (self.cluster_size + self.ema_epsilon) / (total + self.num_embeddings * self.ema_epsilon) * total
+            # A code never assigned anything has no mean to move to: it keeps its vector (dividing its zero sum
+            # would pull it to the origin, and a sum out of step with its count would blow it up).
+            updated = self.embedding_sum / smoothed.unsqueeze(1)
+            self.embedding.data.copy_(torch.where((self.cluster_size > 0)[:, None], updated, self.embedding.data))
+        if self.dead_code_threshold > 0:
+            self.restart_candidates.copy_(packed[:, -self.embedding_dim:])
 
     @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
-        counts = self._code_counts(indices)
-        assigned_sum = torch.zeros_like(self.embedding_sum).index_add_(0, indices, flat)
-        _all_reduce_sum(counts, assigned_sum)  # every process then holds the same codebook
-        self._track_usage(counts)
-        self.embedding_sum.mul_(self.ema_decay).add_(assigned_sum, alpha=1 - self.ema_decay)
-        total = self.cluster_size.sum()
-        smoothed = (self.cluster_size + self.ema_epsilon) / (total + self.num_embeddings * self.ema_epsilon) * total
-        self.embedding.data.copy_(self.embedding_sum / smoothed.unsqueeze(1))
-
-    @torch.no_grad()
-    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+    def _restart_dead_codes(self) -> None:
         """Re-seed codes whose use fell below the threshold. Written without a host sync (no count of the dead)."""
         if self.dead_code_threshold <= 0:
             return
         dead = self.cluster_size < self.dead_code_threshold
-        candidates = flat[torch.randint(0, flat.shape[0], (self.num_embeddings,), device=flat.device)]
-        _broadcast_from_first(candidates)
-        self.embedding.data.copy_(torch.where(dead[:, None], candidates, self.embedding.data))
+        self.embedding.data.copy_(torch.where(dead[:, None], self.restart_candidates, self.embedding.data))
         # A restarted code starts at the threshold so it survives a few steps to win vectors of its own.
         threshold = torch.full_like(self.cluster_size, self.dead_code_threshold)
-        self.embedding_sum.copy_(torch.where(dead[:, None], candidates * self.dead_code_threshold, self.embedding_sum))
+        self.embedding_sum.copy_(torch.where(dead[:, None], self.restart_candidates * self.dead_code_threshold,
+                                             self.embedding_sum))
         self.cluster_size.copy_(torch.where(dead, threshold, self.cluster_size))
 
     @torch.no_grad()
-    def kmeans_init(self, vectors: torch.Tensor, iterations: int = 10, batches: int = 1) -> None:
-        """Set the codebook to k-means centres of encoder outputs [N, D] (N >= K) gathered from `batches` batches."""
+    def initialise(self, vectors: torch.Tensor, kmeans_iterations: int = 0, steps: float = 1) -> None:
+        """Seed the codebook from encoder outputs [N, D] of `steps` training steps (a fraction of a step when each
+        process seeds from its own share of the first batches): K of them drawn at random, refined by k-means when
+        kmeans_iterations > 0."""
         vectors = vectors.float()
-        centres = vectors[torch.randperm(len(vectors), device=vectors.device)[: self.num_embeddings]].clone()
-        for _ in range(iterations):
+        centres = vectors[_draw(len(vectors), self.num_embeddings, vectors.device)].clone()
+        for _ in range(kmeans_iterations):
             self.embedding.data.copy_(centres)
             assignment = self.nearest_codes(vectors)
-            counts = self._code_counts(assignment)
+            counts = count_codes(assignment, self.num_embeddings)
             sums = torch.zeros_like(centres).index_add_(0, assignment, vectors)
             used = counts > 0
             centres[used] = sums[used] / counts[used, None]
         self.embedding.data.copy_(centres)
-        counts = self._code_counts(self.nearest_codes(vectors)) / batches  # use per step, as the moving average
-        self.cluster_size.copy_(counts.clamp_min(self.dead_code_threshold))  # so restarts leave these codes alone
+        # k-means knows each code's share of the data; a random draw does not, and counts every code as used at the
+        # threshold, so that a code the encoder soon leaves behind is restarted within a step or two.
+        use_per_step = count_codes(self.nearest_codes(vectors), self.num_embeddings) / steps if kmeans_iterations \
+            else torch.zeros_like(self.cluster_size)
+        self.cluster_size.copy_(use_per_step.clamp_min(self.dead_code_threshold))
         self.embedding_sum.copy_(centres * self.cluster_size[:, None])
+        self.restart_candidates.copy_(vectors[_draw(len(vectors), self.num_embeddings, vectors.device)])
 
 
 class VQVAE(nn.Module):
@@ -387,6 +433,20 @@ class GatedPixelCNN(nn.Module):
             x_horizontal = layer.horizontal_step(x_horizontal, features, labels)
         return self.head(x_horizontal)
 
+    def bits_per_code(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """-log2 p(codes | label) / (H W) of each code map [B, H, W]."""
+        return bits_per_code(self(codes, labels), codes)
+
+    def mixture_bits_per_code(self, codes: torch.Tensor, class_log_prior: Sequence[float]) -> torch.Tensor:
+        """-log2 sum_c p(c) p(codes | c) / (H W): the likelihood of code maps that have no label under a
+        class-conditional prior, with p(c) the classes' share of the training data (class_log_prior: natural logs,
+        as plain numbers, so that nothing is read back from the GPU)."""
+        positions = codes.shape[1] * codes.shape[2]
+        log_joint = [log_share - math.log(2) * positions * self.bits_per_code(codes, torch.full_like(codes[:, 0, 0],
+                                                                                                     label))
+                     for label, log_share in enumerate(class_log_prior)]
+        return -torch.logsumexp(torch.stack(log_joint, dim=1), dim=1) / (math.log(2) * positions)
+
     @torch.inference_mode()
     def sample(self, batch_size: int, shape: tuple[int, int], labels: torch.Tensor | None = None,
                temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -426,6 +486,11 @@ class GatedPixelCNN(nn.Module):
                 horizontal_inputs[0, j] = embedded
                 vertical_inputs[0][:, :, i, j] = embedded
         return codes
+
+
+def bits_per_code(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits [B, K, H, W] against codes [B, H, W] in bits, one mean value per code map."""
+    return F.cross_entropy(logits.float(), codes, reduction="none").mean(dim=(1, 2)) / math.log(2)
 
 
 def draw_codes(logits: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,

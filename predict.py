@@ -14,16 +14,15 @@ from pathlib import Path
 import torch
 
 import utils
-from dataset import BatchLoader, Preprocessing, find_data, load_split
-from modules import GatedPixelCNN, PriorConfig
-from train import code_loader, encode_split, evaluate, evaluate_prior, load_vqvae, resolve_data_dir, \
-    save_reconstructions, vqvae_fingerprint
+from dataset import BatchLoader, Preprocessing, checkpoint_data, encode_split, load_split, prior_evaluation_loaders
+from modules import GatedPixelCNN
 from utils import UsageError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-m", "--model", required=True, help="checkpoint written by train.py")
+    parser.add_argument("-m", "--model", required=True,
+                        help="checkpoint written by train.py (VQ-VAE) or train_prior.py (prior)")
     parser.add_argument("--data", help="data folder; default: the one the checkpoint was trained on")
     parser.add_argument("--split", choices=("test", "validate", "train"), default="test",
                         help="split to evaluate (test falls back to validate when there is none)")
@@ -57,13 +56,13 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint = utils.load_checkpoint(args.model)
     if checkpoint["kind"] == "prior":
         return predict_prior(args, device, checkpoint)
-    model, checkpoint = load_vqvae(args.model, device, checkpoint)
+    model, checkpoint = utils.load_vqvae(args.model, device, checkpoint)
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
-    source = find_data(resolve_data_dir(args.data, checkpoint))
+    source = checkpoint_data(checkpoint, args.data)
     split = choose_split(source.files, args.split)
     slices = load_split(source, split, prep, args.cache_dir, min_side=model.config.scale)
     loader = BatchLoader(slices.images, slices.labels, args.batch_size, shuffle=False, device=device)
-    results = evaluate(model, loader, description=split)
+    results = utils.evaluate_vqvae(model, loader, description=split)
 
     ssim = results["ssim_per_image"]
     metrics = {"ssim_mean": ssim.mean().item(), "ssim_min": ssim.min().item(), "ssim_max": ssim.max().item(),
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     figures = Path(args.resources_dir) / Path(args.model).stem
     shown = torch.linspace(0, len(slices) - 1, min(args.examples, len(slices))).long()
-    save_reconstructions(figures / f"{split}_reconstructions.png", model, slices.as_float(shown).to(device),
+    utils.save_reconstructions(figures / f"{split}_reconstructions.png", model, slices.as_float(shown).to(device),
                          f"{split} slices: input | code map | reconstruction")
     utils.save_histogram(figures / f"{split}_ssim_histogram.png", ssim.numpy(),
                          f"per-slice SSIM on the {split} split (mean {metrics['ssim_mean']:.3f})", "SSIM")
@@ -86,22 +85,6 @@ def main(argv: list[str] | None = None) -> dict:
                                  f"{model.config.num_embeddings} codes used")
     print(f"figures in {figures}/")
     return metrics
-
-
-def load_prior(path: str | Path, device: torch.device, vqvae_path: str | None, checkpoint: dict,
-               ) -> tuple[GatedPixelCNN, dict, tuple]:
-    """The prior, its checkpoint, and its VQ-VAE (model, checkpoint), refusing a VQ-VAE whose codes differ."""
-    try:
-        prior = GatedPixelCNN(PriorConfig.from_dict(checkpoint["config"]))
-        prior.load_state_dict(checkpoint["model"])
-    except (ValueError, TypeError, RuntimeError, KeyError) as error:
-        raise UsageError(f"{path}: checkpoint does not match this version's prior ({str(error)[:160]})") from None
-    vqvae_path = vqvae_path or checkpoint["vqvae"]["path"]
-    vqvae, vqvae_checkpoint = load_vqvae(vqvae_path, device)
-    if vqvae_fingerprint(vqvae) != checkpoint["vqvae"]["fingerprint"]:
-        raise UsageError(f"{path}: this prior was trained on the codes of another VQ-VAE than {vqvae_path} "
-                         "(its weights differ); pass the right one with --vqvae or retrain the prior")
-    return prior.to(device).eval(), checkpoint, (vqvae, vqvae_checkpoint)
 
 
 def sample_labels(args: argparse.Namespace, checkpoint: dict, device: torch.device) -> torch.Tensor | None:
@@ -148,14 +131,18 @@ def generate(args: argparse.Namespace, prior: GatedPixelCNN, checkpoint: dict, v
 
 
 def predict_prior(args: argparse.Namespace, device: torch.device, checkpoint: dict) -> dict:
-    prior, checkpoint, (vqvae, vqvae_checkpoint) = load_prior(args.model, device, args.vqvae, checkpoint)
+    prior, checkpoint, vqvae, vqvae_checkpoint = utils.load_prior(args.model, device, args.vqvae, checkpoint)
     prep = Preprocessing.from_dict(vqvae_checkpoint["preprocessing"])
-    source = find_data(resolve_data_dir(args.data, vqvae_checkpoint))
+    source = checkpoint_data(vqvae_checkpoint, args.data)
     split = choose_split(source.files, args.split)
     slices = load_split(source, split, prep, args.cache_dir, min_side=vqvae.config.scale)
     codes = encode_split(vqvae, slices, device, args.cache_dir)
-    loader = code_loader(codes, slices.labels, args.batch_size, False, device)
-    nll = evaluate_prior(prior, loader, checkpoint["conditional"])
+    conditional = checkpoint["conditional"]
+    loader, unlabelled = prior_evaluation_loaders(codes, slices.labels, args.batch_size, device, conditional)
+    if unlabelled is not None:
+        print(f"{len(unlabelled.data)} {split} slices have no class folder: their NLL is the class-mixture likelihood")
+    counts = checkpoint.get("class_counts") or [1] * len(checkpoint["class_names"])  # older checkpoints: uniform
+    nll = utils.evaluate_prior(prior, loader, utils.class_log_prior(counts) if conditional else None, unlabelled)
     uniform = math.log2(prior.config.num_embeddings)
     metrics = {"nll_bits_per_code": nll, "uniform_bits_per_code": uniform, "num_images": len(slices), "split": split}
     print(f"{split} split, {len(slices)} code maps: NLL {nll:.3f} bits per code ({nll / uniform:.0%} of the "

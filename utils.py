@@ -1,17 +1,24 @@
-"""Metrics, figures, checkpoints, seeding and the one error type users see."""
+"""Metrics, figures, checkpoints, seeding, distributed helpers, the training clock and the one error type users see."""
 from __future__ import annotations
 
+import argparse
 import csv
+import itertools
+import math
 import os
 import random
 import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from modules import VQVAE, GatedPixelCNN, PriorConfig, VQVAEConfig, count_codes, weights_fingerprint
 
 
 class UsageError(Exception):
@@ -45,27 +52,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """Every random generator's state, in types that load with weights_only=True."""
+def rng_state(device: torch.device) -> dict:
+    """Every random generator's state, in types that load with weights_only=True. Of the GPUs only the training
+    device's generator is kept, so the state restores on a machine with fewer GPUs, or none."""
     name, keys, position, has_gauss, cached = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore rng_state(); a GPU state is restored only when training goes on on a GPU."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     name, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda_state = state.get("cuda")
+    if isinstance(cuda_state, (list, tuple)):  # older checkpoints kept one state per visible GPU
+        cuda_state = cuda_state[0] if cuda_state else None
+    if cuda_state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state, device)
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun)
+
+def launched_world_size() -> int:
+    """How many processes torchrun started (1 without torchrun); known before the process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -73,6 +100,58 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         torch.distributed.all_reduce(tensor)
     return tensor
+
+
+def training_device(name: str = "auto") -> torch.device:
+    """This process's device. Under torchrun each process takes the GPU of its LOCAL_RANK (or the CPU)."""
+    if launched_world_size() <= 1:
+        return pick_device(name)
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if name not in ("auto", "cuda"):
+        raise UsageError(f"--device {name}: under torchrun each process uses the GPU of its LOCAL_RANK; "
+                         "use --device cuda (or auto), or --device cpu")
+    pick_device("cuda")  # a clear error when there is no GPU
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if local_rank >= torch.cuda.device_count():
+        raise UsageError(f"torchrun started process {local_rank} on a node, but only {torch.cuda.device_count()} "
+                         "GPUs are visible: lower --nproc_per_node")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); nothing without torchrun. Call it after the
+    data caches are built, so that no collective waits through a long decode."""
+    if launched_world_size() > 1 and not is_distributed():
+        cuda = device.type == "cuda"
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+
+
+def close_distributed() -> None:
+    if is_distributed():
+        torch.distributed.destroy_process_group()
+
+
+def broadcast_module_state(module: torch.nn.Module) -> None:
+    """Copy the first process's parameters and buffers to every process."""
+    if is_distributed():
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            torch.distributed.broadcast(tensor.data, src=0)
+
+
+def wrap_distributed(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel over torchrun's processes, or the model itself in one process.
+
+    Every process first takes the first one's parameters and buffers: DDP itself copies buffers only with
+    broadcast_buffers=True, and that would also overwrite them at every forward pass, where the codebook's
+    statistics are already kept equal by the quantizer's own all-reduce."""
+    if not is_distributed():
+        return model
+    broadcast_module_state(model)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -101,6 +180,93 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     """Mixed precision for the convolutions under `precision` ('bf16' or 'fp32'). bf16 keeps float32's range, so
     no loss scaling is needed; the quantizer and the losses opt out to float32 themselves."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, epochs: int, batch_size: int, lr: float) -> None:
+    """The options every training job takes: how long, how fast, where, and where the results go."""
+    training = parser.add_argument_group("training")
+    training.add_argument("--epochs", type=int, default=epochs, help="passes over the training split")
+    training.add_argument("--batch-size", type=int, default=batch_size,
+                          help="items per optimisation step (per process under torchrun)")
+    training.add_argument("--lr", type=float, default=lr, help="peak Adam learning rate")
+    training.add_argument("--lr-schedule", choices=("cosine", "constant"), default="constant",
+                          help="cosine decays over the run (over --time-limit too, when that comes first)")
+    training.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up")
+    training.add_argument("--time-limit", type=float, metavar="SECONDS",
+                          help="stop after the step that crosses this many seconds of training, keeping the best")
+    training.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all; 0 = no limit")
+    training.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPUs after "
+                          "a minute of compiling)")
+    training.add_argument("--precision", choices=PRECISIONS, default="auto",
+                          help="bf16 autocast (the quantizer stays float32) or fp32; auto = bf16 on GPUs with native "
+                          "bfloat16 (compute capability 8.0+), fp32 on older GPUs and CPUs")
+    training.add_argument("--seed", type=int, default=0, help="seeds weights, shuffling and codebook restarts")
+    training.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: auto, cuda "
+                          "or cpu; each process takes the GPU of its LOCAL_RANK)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--run-name", help="names the checkpoint and figures")
+    output.add_argument("--checkpoint-dir", default="checkpoints", help="where <run-name>.pth is written")
+    output.add_argument("--resources-dir", default="resources", help="figures and metrics go to <dir>/<run-name>/")
+
+
+def absolute_paths(args: argparse.Namespace, names: Sequence[str]) -> argparse.Namespace:
+    """Make these path options absolute: checkpoints record them, and later jobs may run from another directory."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(args, name, str(Path(value).expanduser().absolute()))
+    return args
+
+
+STOP_CHECK_EVERY = 10  # steps between the processes' agreements on the time limit
+
+
+class TrainingClock:
+    """Wall-clock budget and learning-rate schedule, both measured as progress through the run in [0, 1].
+
+    Time spent before a resume counts too (`already_elapsed`), so a resumed run continues the same schedule.
+    """
+
+    def __init__(self, args: argparse.Namespace, total_steps: int, step: int = 0, already_elapsed: float = 0.0,
+                 device: torch.device | None = None):
+        self.args, self.total_steps, self.step = args, total_steps, step
+        self.device = device or torch.device("cpu")
+        self.start = time.perf_counter() - already_elapsed
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def out_of_time(self) -> bool:
+        return self.args.time_limit is not None and self.elapsed >= self.args.time_limit
+
+    @property
+    def out_of_steps(self) -> bool:
+        return bool(self.args.max_steps) and self.step >= self.args.max_steps
+
+    def progress(self) -> float:
+        by_steps = self.step / max(1, self.total_steps)
+        by_time = self.elapsed / self.args.time_limit if self.args.time_limit else 0.0
+        return min(1.0, max(by_steps, by_time))
+
+    def learning_rate(self) -> float:
+        warmup = min(1.0, (self.step + 1) / max(1, self.args.warmup_steps))
+        if self.args.lr_schedule == "constant":
+            return self.args.lr * warmup
+        return self.args.lr * warmup * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * self.progress())))
+
+    def should_stop(self) -> bool:
+        """Out of time or steps. Processes must agree on the time, and that costs a host sync (an all-reduce read
+        back), so when distributed the clock is consulted only every STOP_CHECK_EVERY steps."""
+        if self.args.time_limit is None or self.out_of_steps:
+            return self.out_of_steps  # the same step count on every process
+        if not is_distributed():
+            return self.out_of_time
+        if self.step % STOP_CHECK_EVERY:
+            return False
+        flag = torch.tensor(float(self.out_of_time), device=self.device)  # NCCL reduces only GPU tensors
+        return bool(all_reduce_sum(flag).item() > 0)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -154,6 +320,66 @@ def perplexity(code_counts: torch.Tensor) -> float:
     return entropy.exp().item()
 
 
+@torch.no_grad()
+def evaluate_vqvae(model: VQVAE, loader, description: str = "validate", ssim_weight: float = 0.0,
+                   precision: str = "fp32") -> dict:
+    """Loss (the training objective), SSIM, PSNR and code use over a whole split, summed over all processes.
+
+    Nothing is read back to the host until the end (a process whose share of the split is empty adds zeros)."""
+    model.eval()
+    device = loader.device
+    sums = torch.zeros(3, device=device)  # loss, ssim, psnr
+    count, ssims = 0, []
+    code_counts = torch.zeros(model.config.num_embeddings, device=device)
+    for images, _ in progress_bar(loader, desc=description, unit="batch"):
+        with autocast(device, precision):
+            reconstruction, indices, vq_loss = model(images)
+        reconstruction = reconstruction.float().clamp(0, 1)
+        ssim = ssim_per_image(reconstruction, images)
+        loss = F.mse_loss(reconstruction, images, reduction="none").mean(dim=(1, 2, 3)) + ssim_weight * (1 - ssim)
+        sums += torch.stack([(loss + vq_loss).sum(), ssim.sum(), psnr_per_image(reconstruction, images).sum()])
+        count += len(images)
+        ssims.append(ssim)
+        code_counts += count_codes(indices, model.config.num_embeddings)
+    totals = all_reduce_sum(torch.cat([sums, torch.tensor([float(count)], device=device), code_counts]))
+    loss, ssim_sum, psnr, total = totals[:4].tolist()
+    code_counts = totals[4:]
+    total = max(total, 1.0)
+    return {"loss": loss / total, "ssim": ssim_sum / total, "psnr": psnr / total,
+            "ssim_per_image": torch.cat(ssims).cpu() if ssims else torch.zeros(0),
+            "perplexity": perplexity(code_counts), "codebook_usage": codebook_usage(code_counts),
+            "code_counts": code_counts.cpu()}
+
+
+def class_log_prior(class_counts: Sequence[int]) -> list[float]:
+    """log p(class) from the classes' training counts."""
+    total = sum(max(count, 1) for count in class_counts)
+    return [math.log(max(count, 1) / total) for count in class_counts]
+
+
+@torch.no_grad()
+def evaluate_prior(prior: GatedPixelCNN, loader, log_prior: Sequence[float] | None = None, unlabelled=None,
+                   precision: str = "fp32") -> float:
+    """Mean negative log-likelihood of a split's code maps in bits per code, over all processes.
+
+    For a class-conditional prior (log_prior = log p(class) given) the maps of `loader` are scored under their
+    label, and those of `unlabelled` (maps with no class folder) under the class mixture sum_c p(c) p(codes | c)."""
+    prior.eval()
+    device = loader.device
+    total, count = torch.zeros((), device=device), 0
+    for source, mixture in ((loader, False), (unlabelled, True)):
+        for codes, labels in progress_bar(source or [], desc="prior NLL", unit="batch"):
+            with autocast(device, precision):
+                if mixture:
+                    bits = prior.mixture_bits_per_code(codes, log_prior)
+                else:
+                    bits = prior.bits_per_code(codes, None if log_prior is None else labels)
+            total += bits.sum()
+            count += len(codes)
+    bits_sum, maps = all_reduce_sum(torch.stack([total, torch.tensor(float(count), device=device)])).tolist()
+    return bits_sum / max(maps, 1.0)
+
+
 # ----------------------------------------------------------------------------- files
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -173,6 +399,54 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
+def remove_stale_temporaries(path: str | os.PathLike) -> None:
+    """Delete what atomic_write left of `path` in a run that was killed while writing it. Only the process that
+    owns the file (holding its lock, or the only one writing it) may call this."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` while the block runs. Of several processes that would build the same
+    cache (torchrun's ranks, or two jobs), one builds it and the others wait, then read it; the operating system
+    releases the lock if its holder dies. Where locks are not to be had (Windows, a read-only folder, a file
+    system without flock) the block runs unlocked, after a warning."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except OSError as error:
+        warn(log, f"cannot create the lock file {path} ({error.strerror}); going on without it")
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            warn(log, f"waiting for another process to build {path.with_name(path.name[1:-5])}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:  # e.g. Lustre or NFS mounted without lock support
+            warn(log, f"cannot lock {path} ({error.strerror}); going on without the lock")
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def warn(log: Callable[[str], None] | None, message: str) -> None:
+    if log is not None:
+        log(message)
+
+
 def write_json(path: str | os.PathLike, values: dict) -> None:
     import json
 
@@ -180,9 +454,7 @@ def write_json(path: str | os.PathLike, values: dict) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
-    path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed while writing this file
-        stale.unlink(missing_ok=True)
+    remove_stale_temporaries(path)  # left by a run killed while writing this file
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
@@ -207,6 +479,39 @@ def load_checkpoint(path: str | os.PathLike, expected_kind: str | None = None) -
     if expected_kind is not None and checkpoint["kind"] != expected_kind:
         raise UsageError(f"{path}: is a {checkpoint['kind']} checkpoint, but a {expected_kind} checkpoint is needed")
     return checkpoint
+
+
+def _rebuild(path: str | os.PathLike, build: Callable[[], torch.nn.Module], state: dict) -> torch.nn.Module:
+    try:
+        model = build()
+        model.load_state_dict(state)
+    except (ValueError, TypeError, RuntimeError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0][:160]
+        raise UsageError(f"{path}: checkpoint does not match this version's model ({first_line})") from None
+    return model
+
+
+def load_vqvae(path: str | os.PathLike, device: torch.device, checkpoint: dict | None = None,
+               ) -> tuple[VQVAE, dict]:
+    """Rebuild a VQ-VAE from its checkpoint alone (pass `checkpoint` when it is already loaded)."""
+    if checkpoint is None or checkpoint.get("kind") != "vqvae":
+        checkpoint = load_checkpoint(path, expected_kind="vqvae")
+    model = _rebuild(path, lambda: VQVAE(VQVAEConfig.from_dict(checkpoint["config"])), checkpoint["model"])
+    return model.to(device).eval(), checkpoint
+
+
+def load_prior(path: str | os.PathLike, device: torch.device, vqvae_path: str | None = None,
+               checkpoint: dict | None = None) -> tuple[GatedPixelCNN, dict, VQVAE, dict]:
+    """The prior, its checkpoint, and its VQ-VAE with its checkpoint, refusing a VQ-VAE whose codes differ."""
+    if checkpoint is None:
+        checkpoint = load_checkpoint(path, expected_kind="prior")
+    prior = _rebuild(path, lambda: GatedPixelCNN(PriorConfig.from_dict(checkpoint["config"])), checkpoint["model"])
+    vqvae_path = vqvae_path or checkpoint["vqvae"]["path"]
+    vqvae, vqvae_checkpoint = load_vqvae(vqvae_path, device)
+    if weights_fingerprint(vqvae) != checkpoint["vqvae"]["fingerprint"]:
+        raise UsageError(f"{path}: this prior was trained on the codes of another VQ-VAE than {vqvae_path} "
+                         "(its weights differ); pass the right one with --vqvae or retrain the prior")
+    return prior.to(device).eval(), checkpoint, vqvae, vqvae_checkpoint
 
 
 def write_csv_rows(path: str | os.PathLike, rows: list[dict]) -> None:
@@ -278,6 +583,15 @@ def save_image_rows(path: str | os.PathLike, columns: dict[str, Sequence[torch.T
     if title:
         fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
+
+
+@torch.no_grad()
+def save_reconstructions(path: str | os.PathLike, model: VQVAE, images: torch.Tensor, title: str) -> None:
+    """input | code map | reconstruction, one row per image."""
+    model.eval()
+    reconstruction, indices, _ = model(images)
+    save_image_rows(path, {"input": images, "codes": indices, "reconstruction": reconstruction},
+                    title=title, code_columns=("codes",), num_codes=model.config.num_embeddings)
 
 
 def save_image_grid(path: str | os.PathLike, images: torch.Tensor, columns: int = 8, title: str = "") -> None:

@@ -203,3 +203,192 @@ def test_demo_data_is_deterministic_and_in_the_hipmri_layout(tmp_path: Path):
         image = read_slices(path, PREP)[0]
         other = read_slices(second / path.relative_to(first), PREP)[0]
         np.testing.assert_array_equal(image, other)
+
+
+# ----------------------------------------------------------------------------- full-scale behaviour
+
+@pytest.mark.parametrize("name, case", [("case_004_week_0_slice_0.nii.gz", "case_004"),
+                                        ("case_001_slice_0.nii.png", "case_001"), ("scan7_slice_12.png", "scan7"),
+                                        ("Tr-glTr_0000.jpg", None)])
+def test_case_ids_come_from_the_file_names(name: str, case: str | None):
+    assert dataset.case_id(Path("glioma") / name) == (None if case is None else f"glioma/{case}")
+
+
+def test_a_carved_validation_split_never_shares_a_case_with_training(tmp_path: Path):
+    for case in range(20):
+        for week in (0, 5):  # HipMRI: several scans of one patient
+            for index in range(6):
+                path = tmp_path / "train" / f"case_{case:03d}_week_{week}_slice_{index}.nii.gz"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+    source = find_data(tmp_path, val_fraction=0.1)
+
+    def cases(split: str) -> set[str]:
+        return {path.name[:8] for path, _ in source.files[split]}
+
+    assert not cases("train") & cases("validate")
+    assert len(cases("validate")) == 2 and len(source.files["validate"]) == 24
+    assert any("2 of 20 cases, grouped by the case id" in note for note in source.notes)
+    assert find_data(tmp_path, val_fraction=0.1).files == source.files
+
+
+def test_the_carve_ranks_by_relative_path_not_by_bare_file_name(tmp_path: Path):
+    for name in ("alpha", "beta"):
+        for index in range(20):
+            path = tmp_path / "train" / name / f"{index}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+    held_out = find_data(tmp_path, val_fraction=0.2).files["validate"]
+    names = {label: {path.name for path, cls in held_out if cls == label} for label in ("alpha", "beta")}
+    assert names["alpha"] != names["beta"]  # ranked by bare names, both classes would lose the same files
+
+
+def identity(batch: torch.Tensor) -> torch.Tensor:
+    return batch
+
+
+def items(loader: BatchLoader, start: int = 0) -> list[int]:
+    return [int(value) for batch, _ in loader.batches(start) for value in batch.flatten()]
+
+
+def test_training_shards_give_every_process_the_same_number_of_steps():
+    data, labels = torch.arange(10).view(10, 1, 1, 1), torch.zeros(10, dtype=torch.long)
+    loaders = [BatchLoader(data, labels, 2, True, torch.device("cpu"), seed=3, rank=rank, world_size=3,
+                           convert=identity) for rank in range(3)]
+    assert {len(loader) for loader in loaders} == {2} and {len(list(loader)) for loader in loaders} == {2}
+    seen = [value for loader in loaders for value in items(loader)]
+    assert len(seen) == 12 and set(seen) == set(range(10))  # two items repeat to fill the last round
+
+
+def test_an_epoch_resumed_with_another_number_of_processes_goes_on_where_it_stopped():
+    data, labels = torch.arange(24).view(24, 1, 1, 1), torch.zeros(24, dtype=torch.long)
+    one = BatchLoader(data, labels, 2, True, torch.device("cpu"), seed=5, convert=identity)
+    two = [BatchLoader(data, labels, 2, True, torch.device("cpu"), seed=5, rank=rank, world_size=2,
+                       convert=identity) for rank in range(2)]
+    done = {value for loader in two for batch, _ in list(loader)[:3] for value in batch.flatten().tolist()}
+    position = 3 * two[0].items_per_step  # three steps of two processes
+    rest = items(one, position)
+    assert len(done) == 12 and not done & set(rest) and done | set(rest) == set(range(24))
+    assert items(one)[position:] == rest  # exactly the order a single process would have followed
+    assert one.batches_left(position) == 6 and one.batches_left(24) == 0
+
+
+def test_an_evaluation_shard_may_be_empty():
+    data, labels = torch.zeros(1, 1, 8, 8, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)
+    empty = BatchLoader(data, labels, 4, False, torch.device("cpu"), rank=1, world_size=2)
+    assert len(empty) == 0 and list(empty) == []
+    from modules import VQVAE, VQVAEConfig
+    import utils
+
+    model = VQVAE(VQVAEConfig(hidden_channels=16, residual_channels=8, num_embeddings=8, embedding_dim=4))
+    result = utils.evaluate_vqvae(model, empty)  # a process with nothing to evaluate adds zeros, and no error
+    assert result["ssim"] == 0 and len(result["ssim_per_image"]) == 0
+
+
+def load_in_another_process(data_root: str, cache: str, results, name: str) -> None:
+    decode = dataset._decode_files
+
+    def slow_decode(*args, **kwargs):  # long enough for the other process to arrive while this one decodes
+        import time
+
+        time.sleep(3)
+        return decode(*args, **kwargs)
+
+    dataset._decode_files = slow_decode
+    messages: list[str] = []
+    slices = load_split(find_data(data_root), "train", PREP, cache, log=messages.append)
+    results[name] = (any(message.startswith("decoded") for message in messages), int(slices.images.sum()))
+
+
+def test_processes_asking_for_one_cache_at_once_decode_it_once(hipmri_dir: Path, tmp_path: Path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Manager().dict()
+    workers = [context.Process(target=load_in_another_process, args=(str(hipmri_dir), str(tmp_path / "c"), results,
+                                                                      name)) for name in ("a", "b")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    decoded = sorted(result[0] for result in results.values())
+    assert decoded == [False, True] and results["a"][1] == results["b"][1]
+
+
+MEASURE_MAPPED_READ = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import torch
+from dataset import BatchLoader, Preprocessing, find_data, load_split
+
+def anonymous_mb():
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) / 1024
+
+source, prep = find_data(sys.argv[2]), Preprocessing(image_size=(256, 256))
+before = anonymous_mb()
+slices = load_split(source, "train", prep, sys.argv[3], log=lambda _: None)
+loader = BatchLoader(slices.images, slices.labels, 16, True, torch.device("cpu"), convert=lambda batch: batch)
+assert all(int(batch.max()) > 0 for batch, _ in loader)  # every slice read
+print(slices.images.numel() / 2**20, anonymous_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux /proc")
+def test_cached_slices_are_memory_mapped_not_copied(tmp_path: Path):
+    """Processes of one node share the decoded data through the file cache: reading a whole split adds no
+    private copy of it (measured in a fresh process, away from the test runner's own allocations)."""
+    import subprocess
+    import sys
+
+    image = phantom_uint8(0, (256, 256))
+    for index in range(400):
+        write_png(tmp_path / "data" / "train" / f"{index}.png", np.roll(image, index, axis=1))
+    load_split(find_data(tmp_path / "data"), "train", Preprocessing(image_size=(256, 256)), tmp_path / "cache",
+               log=quiet)
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", MEASURE_MAPPED_READ, str(root), str(tmp_path / "data"),
+                             str(tmp_path / "cache")], capture_output=True, text=True, timeout=120, check=True)
+    size_mb, added_mb = map(float, result.stdout.split())
+    assert size_mb > 20 and added_mb < 0.25 * size_mb
+
+
+def test_a_cache_build_killed_midway_is_rebuilt_and_its_leftovers_removed(hipmri_dir: Path, tmp_path: Path):
+    cache = tmp_path / "cache"
+    source = find_data(hipmri_dir)
+    load_split(source, "train", PREP, cache, log=quiet)
+    (index,) = cache.glob("train-*.json")
+    (images,) = cache.glob("train-*.npy")
+    index.unlink()  # killed after writing the slices, before the index that vouches for them
+    leftover = cache / f".{images.name}.x1y2z3.tmp"
+    leftover.write_bytes(b"half of a cache")
+    messages: list[str] = []
+    slices = load_split(source, "train", PREP, cache, log=messages.append)
+    assert any(message.startswith("decoded 12 train files") for message in messages)
+    assert len(slices) == 12 and not leftover.exists()
+
+
+def test_without_file_locks_the_cache_is_still_built(hipmri_dir: Path, tmp_path: Path, monkeypatch):
+    """Some cluster file systems (Lustre, NFS without lock support) refuse flock: warn and go on."""
+    import errno
+    import fcntl
+
+    def refuse(*_args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    messages: list[str] = []
+    slices = load_split(find_data(hipmri_dir), "train", PREP, tmp_path / "cache", log=messages.append)
+    assert len(slices) == 12 and any("No locks available" in message for message in messages)
+
+
+def test_later_jobs_carve_the_validation_split_as_training_did(tmp_path: Path):
+    make_classes(tmp_path, per_class=10)
+    trained = find_data(tmp_path, val_fraction=0.3)
+    checkpoint = {"data": {"root": str(tmp_path), "val_fraction": 0.3}}
+    assert dataset.checkpoint_data(checkpoint, log=quiet).files == trained.files
+    messages: list[str] = []
+    dataset.checkpoint_data({"data": {"root": str(tmp_path)}}, log=messages.append)  # an older checkpoint
+    assert any("may hold files the model trained on" in message for message in messages)

@@ -107,7 +107,7 @@ def test_help_documents_every_option():
         assert option in result.stdout
 
 
-@pytest.mark.parametrize("script", ["train.py", "predict.py", "extract_features.py"])
+@pytest.mark.parametrize("script", ["train.py", "train_prior.py", "predict.py", "extract_features.py"])
 def test_readme_documents_every_option(script: str):
     readme = (ROOT / "README.md").read_text()
     result = run_script(script, "--help", cwd=ROOT)
@@ -126,3 +126,17 @@ def test_readme_python_examples_run():
 def test_kmeans_initialisation_runs_in_training(hipmri_dir: Path, tmp_path: Path):
     result = train.main(train_args(tmp_path, hipmri_dir, "--kmeans-init"))
     assert float(result["best"]["val_codebook_usage"]) > 0
+
+
+def test_jobs_import_only_the_library():
+    """train, train_prior, predict and extract_features import dataset, modules and utils, never each other."""
+    import ast
+
+    jobs = {"train", "train_prior", "predict", "extract_features"}
+    for job in jobs:
+        tree = ast.parse((ROOT / f"{job}.py").read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & jobs, f"{job}.py imports {sorted(imported & jobs)}"

@@ -75,3 +75,21 @@ def test_probe_without_class_folders_is_a_clear_error(hipmri_dir: Path, tmp_path
     with pytest.raises(UsageError, match="--probe needs labels"):
         extract_features.main(["-m", checkpoint, "--out", str(tmp_path / "f.npz"), "--probe",
                                "--cache-dir", str(tmp_path / "cache")])
+
+
+def test_bag_of_codes_of_a_large_codebook_is_counted_without_a_one_hot(tmp_path: Path):
+    """512 HipMRI-sized slices with K=4096: a one-hot of their codes would need 34 GB."""
+    from dataset import SliceSet
+    from modules import VQVAE, VQVAEConfig
+
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(hidden_channels=16, residual_channels=8, num_residual_layers=1, num_embeddings=4096,
+                              embedding_dim=4)).eval()
+    images = torch.randint(0, 256, (512, 1, 256, 128), dtype=torch.uint8)
+    slices = SliceSet(images, torch.full((512,), -1), [f"{i}" for i in range(512)], [], "train", "key")
+    features = extract_features.split_features(model, slices, torch.device("cpu"), str(tmp_path), batch_size=64)
+    assert features.bag_of_codes.shape == (512, 4096) and features.pixels.shape == (512, 64 * 32)
+    codes = features.codes.long().flatten(1)
+    for row in (0, 511):
+        expected = torch.bincount(codes[row], minlength=4096).float() / codes.shape[1]
+        torch.testing.assert_close(features.bag_of_codes[row], expected)

@@ -52,31 +52,64 @@ def test_ema_update_moves_codes_toward_their_assigned_encoder_outputs():
     assert not quantizer.embedding.requires_grad  # EMA codebooks are not trained by the optimizer
 
 
-def test_dead_code_is_reseeded_from_current_encoder_outputs():
+def test_dead_code_is_reseeded_from_encoder_outputs_of_the_previous_step():
     quantizer = VectorQuantizer(4, 2, quantizer="ema", dead_code_threshold=0.5)
     quantizer.embedding.data = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
-    quantizer.embedding_sum.copy_(quantizer.embedding.data)
-    quantizer.cluster_size.copy_(torch.tensor([5.0, 5.0, 5.0, 0.1]))  # code 3 has gone unused
-    latents = torch.tensor([[0.1, 0.0], [0.9, 0.1], [0.0, 1.1], [0.5, 0.5]]).t().reshape(1, 2, 1, 4)
-    quantizer.train()(latents)
+    quantizer.cluster_size.copy_(torch.tensor([5.0, 5.0, 5.0, 0.5]))  # code 3: at the threshold
+    quantizer.embedding_sum.copy_(quantizer.embedding.data * quantizer.cluster_size[:, None])
+    previous = torch.tensor([[0.1, 0.0], [0.9, 0.1], [0.0, 1.1], [0.5, 0.5]]).t().reshape(1, 2, 1, 4)
+    quantizer.train()(previous)  # code 3 wins nothing: its use decays below the threshold
+    torch.testing.assert_close(quantizer.embedding.detach()[3], torch.tensor([100.0, 100.0]), rtol=1e-3, atol=0)
+    quantizer.train()(previous + 0.01)
     reseeded = quantizer.embedding.detach()[3]
-    assert (reseeded - torch.tensor([100.0, 100.0])).norm() > 50
-    flat = latents.permute(0, 2, 3, 1).reshape(-1, 2)
-    assert torch.cdist(reseeded[None], flat).min() < 0.5  # now sits on (near) a real encoder output
+    flat = previous.permute(0, 2, 3, 1).reshape(-1, 2)
+    assert torch.cdist(reseeded[None], flat).min() < 0.1  # now sits on an encoder output of the step before
 
 
-def test_fresh_codebook_is_seeded_from_data_at_the_first_step():
+def test_fresh_codebook_is_seeded_from_data_after_the_first_step():
     quantizer = VectorQuantizer(16, 2, quantizer="ema", dead_code_threshold=1.0)
     latents = torch.randn(4, 2, 8, 8) * 5 + 20
+    quantizer.train()(latents)
     quantizer.train()(latents)
     assert quantizer.embedding.detach().mean() > 10  # the uniform(-1/K, 1/K) start was replaced by encoder outputs
 
 
-def test_kmeans_initialisation_finds_clusters():
-    quantizer = VectorQuantizer(2, 1, quantizer="ema")
-    vectors = torch.cat([torch.full((50, 1), -3.0), torch.full((50, 1), 3.0)]) + 0.01 * torch.randn(100, 1)
-    quantizer.kmeans_init(vectors)
-    assert sorted(round(v) for v in quantizer.embedding.detach().flatten().tolist()) == [-3, 3]
+def test_initialise_seeds_every_code_from_the_vectors_and_kmeans_finds_clusters():
+    quantizer = VectorQuantizer(8, 2, quantizer="ema", dead_code_threshold=1.0)
+    vectors = torch.randn(100, 2) + 50
+    quantizer.initialise(vectors)
+    assert (quantizer.embedding.detach()[:, None] == vectors[None]).all(dim=2).any(dim=1).all()  # each code is one
+    assert (quantizer.cluster_size >= 1.0).all()  # restarts leave the seeded codes alone at first
+    torch.testing.assert_close(quantizer.embedding_sum, quantizer.embedding.detach() * quantizer.cluster_size[:, None])
+    two = VectorQuantizer(2, 1, quantizer="ema")
+    clusters = torch.cat([torch.full((50, 1), -3.0), torch.full((50, 1), 3.0)]) + 0.01 * torch.randn(100, 1)
+    two.initialise(clusters, kmeans_iterations=10)
+    assert sorted(round(v) for v in two.embedding.detach().flatten().tolist()) == [-3, 3]
+
+
+def test_ema_without_restarts_never_inflates_unused_codes():
+    """With --dead-code-threshold 0 a code that wins nothing must keep a sensible vector (it once grew to 30 times
+    the largest encoder output)."""
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(64, 4, quantizer="ema", dead_code_threshold=0).train()
+    largest = 0.0
+    for _ in range(300):
+        latents = torch.randn(8, 4, 4, 4) * 0.5 + 5  # far from the codebook's start: most codes never win
+        largest = max(largest, latents.norm(dim=1).max().item())
+        quantizer(latents)
+    assert quantizer.embedding.detach().norm(dim=1).max() <= largest
+    assert (quantizer.cluster_size == 0).any()  # some codes were indeed never used
+
+
+def test_lookup_keeps_channels_last_and_old_checkpoints_load():
+    quantizer = VectorQuantizer(8, 4)
+    looked_up = quantizer.lookup(torch.randint(0, 8, (2, 3, 5)))
+    assert looked_up.shape == (2, 4, 3, 5) and looked_up.is_contiguous(memory_format=torch.channels_last)
+    state = quantizer.state_dict()
+    del state["restart_candidates"]  # written before restart candidates were kept
+    fresh = VectorQuantizer(8, 4)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.restart_candidates, state["embedding"])
 
 
 def test_quantizer_computes_in_float32_under_mixed_precision():
@@ -91,3 +124,22 @@ def test_config_round_trips_and_rejects_unknown_settings():
     assert VQVAEConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown model settings"):
         VQVAEConfig.from_dict({**config.to_dict(), "wings": 2})
+
+
+def test_fingerprint_leaves_out_restart_candidates_so_old_priors_still_match():
+    """Priors record their VQ-VAE's fingerprint; one made before restart candidates existed must still match."""
+    import hashlib
+
+    from modules import weights_fingerprint
+
+    model = VQVAE(VQVAEConfig(**SMALL))
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name != "quantizer.restart_candidates":  # the state of a model from before that buffer
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    assert weights_fingerprint(model) == digest.hexdigest()[:16]
+    model.quantizer.restart_candidates.add_(1)
+    assert weights_fingerprint(model) == digest.hexdigest()[:16]
+    model.quantizer.embedding.data.add_(1)
+    assert weights_fingerprint(model) != digest.hexdigest()[:16]

@@ -8,6 +8,7 @@ import torch
 
 import train
 import utils
+from modules import VectorQuantizer
 from test_end_to_end import train_args
 
 
@@ -21,11 +22,22 @@ def test_auto_precision_is_bf16_only_on_gpus_with_native_bf16(monkeypatch, nativ
         utils.resolve_precision("fp16", torch.device("cpu"))
 
 
-def test_bf16_training_keeps_the_codebook_float32_and_learns(hipmri_dir: Path, tmp_path: Path):
+def test_bf16_autocast_leaves_the_nearest_code_search_in_float32():
+    """Two codes closer together than bfloat16 can tell apart (its spacing near 3 is 0.016): under autocast the
+    quantizer must still pick the nearer one, which it can only do in float32."""
+    quantizer = VectorQuantizer(2, 4, quantizer="gradient", dead_code_threshold=0).eval()
+    base = torch.full((4,), 3.0)
+    quantizer.embedding.data = torch.stack([base, base + 0.004])
+    latents = (base + 0.003)[None, :, None, None]  # nearer the second code
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        quantized, indices, loss = quantizer(latents)
+    assert indices.item() == 1
+    assert quantized.dtype == loss.dtype == torch.float32
+
+
+def test_bf16_training_learns(hipmri_dir: Path, tmp_path: Path):
     result = train.main(train_args(tmp_path, hipmri_dir.parent, "--precision", "bf16", "--epochs", "2"))
-    checkpoint = utils.load_checkpoint(result["checkpoint"])
-    assert checkpoint["model"]["quantizer.embedding"].dtype == torch.float32
-    assert checkpoint["args"]["precision"] == "bf16"
+    assert utils.load_checkpoint(result["checkpoint"])["args"]["precision"] == "bf16"
     rows = utils.read_csv_rows(Path(result["figures"]) / "metrics.csv")
     assert all(torch.isfinite(torch.tensor(float(row["val_loss"]))) for row in rows)
     assert float(rows[-1]["train_recon_loss"]) < float(rows[0]["train_recon_loss"])

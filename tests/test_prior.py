@@ -8,8 +8,9 @@ import torch
 
 import predict
 import train
+import train_prior
 import utils
-from conftest import make_classes
+from conftest import make_classes, phantom_uint8, write_png
 from modules import GatedPixelCNN, PriorConfig, draw_codes
 from test_end_to_end import train_args
 
@@ -80,11 +81,31 @@ def test_sampling_is_deterministic_under_a_seed():
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
 
 
-def test_train_prior_then_sample_and_refuse_another_vqvae(tmp_path: Path):
+def prior_args(tmp_path: Path, vqvae: str, *extra: str) -> list[str]:
+    return ["-m", vqvae, "--hidden-channels", "8", "--layers", "2", "--run-name", "pr", "--epochs", "1",
+            "--batch-size", "4", "--warmup-steps", "1", "--checkpoint-dir", str(tmp_path / "ck"), "--resources-dir",
+            str(tmp_path / "res"), "--cache-dir", str(tmp_path / "cache"), *extra]
+
+
+def test_unlabelled_maps_get_the_class_mixture_likelihood():
+    prior = tiny_prior()
+    codes = torch.randint(0, 12, (2, 3, 4))
+    shares = torch.tensor([0.5, 0.3, 0.2])
+    per_class = torch.stack([prior.bits_per_code(codes, torch.full((2,), label)) for label in range(3)], dim=1)
+    positions = 12
+    expected = -torch.log2((shares[None].double() * 2 ** (-positions * per_class.double())).sum(1)) / positions
+    torch.testing.assert_close(prior.mixture_bits_per_code(codes, shares.log()).double(), expected)
+    assert (prior.mixture_bits_per_code(codes, shares.log()) >= per_class.min(dim=1).values - 1e-6).all()
+
+
+def test_train_prior_then_sample_and_refuse_another_vqvae(tmp_path: Path, capsys):
     data = make_classes(tmp_path / "data", classes=("alpha", "beta", "gamma"), per_class=4)
+    for split in ("validate", "test"):  # slices without a class folder, which a conditional prior cannot index
+        for index in range(3):
+            write_png(data / split / f"{index}.png", phantom_uint8(50 + index))
     vqvae = train.main(train_args(tmp_path, data, "--run-name", "vq"))["checkpoint"]
-    prior_args = ["--prior", "-m", vqvae, "--prior-hidden-channels", "8", "--prior-layers", "2", "--run-name", "pr"]
-    result = train.main(train_args(tmp_path, data) + prior_args)
+    result = train_prior.main(prior_args(tmp_path, vqvae))
+    assert "3 validation code maps have no class folder" in capsys.readouterr().out
     checkpoint = utils.load_checkpoint(result["checkpoint"], expected_kind="prior")
     assert checkpoint["conditional"] and checkpoint["class_names"] == ["alpha", "beta", "gamma"]
 
@@ -92,8 +113,9 @@ def test_train_prior_then_sample_and_refuse_another_vqvae(tmp_path: Path):
     predict_args = ["-m", result["checkpoint"], "--cache-dir", str(tmp_path / "cache"), "--resources-dir",
                     str(tmp_path / "res"), "--metrics-json", str(metrics_path)]
     metrics = predict.main(predict_args + ["--sample", "4", "--label", "beta"])
+    assert "3 test slices have no class folder: their NLL is the class-mixture likelihood" in capsys.readouterr().out
     assert json.loads(metrics_path.read_text()) == metrics
-    assert 0 < metrics["nll_bits_per_code"] and metrics["sample_seconds"] > 0
+    assert 0 < metrics["nll_bits_per_code"] < 20 and metrics["sample_seconds"] > 0
     assert (tmp_path / "res" / "pr" / "samples.png").exists()
     assert (tmp_path / "res" / "pr" / "samples_with_nearest.png").exists()
     with pytest.raises(utils.UsageError, match="not a class of this prior"):
@@ -102,5 +124,5 @@ def test_train_prior_then_sample_and_refuse_another_vqvae(tmp_path: Path):
     other = train.main(train_args(tmp_path / "other", data, "--run-name", "vq2", "--seed", "5"))["checkpoint"]
     with pytest.raises(utils.UsageError, match="trained on the codes of another VQ-VAE"):
         predict.main(predict_args + ["--vqvae", other])
-    with pytest.raises(utils.UsageError, match="needs -m VQVAE_CHECKPOINT"):
+    with pytest.raises(utils.UsageError, match="python train_prior.py -m VQVAE_CHECKPOINT"):
         train.main(train_args(tmp_path, data, "--prior"))
