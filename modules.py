@@ -26,6 +26,13 @@ class VQVAEConfig:
     ema_epsilon: float = 1e-5
     dead_code_threshold: float = 1.0  # re-seed codes whose moving-average use per step falls below this; 0 = never
     normalization: str = "none"  # "none" or "group": GroupNorm in the convolutional blocks
+    code_distance: str = "euclidean"  # "euclidean", or "cosine": latents and codes l2-normalised for the search
+    lookup_dim: int = 0  # > 0: search the codebook in this many dimensions, projected from and back to D
+    estimator: str = "straight_through"  # how gradients pass the quantizer: "straight_through" or "rotation"
+
+    # What checkpoints written before an option existed were trained with: they load as they were trained, whatever
+    # today's defaults are.
+    LEGACY = {"code_distance": "euclidean", "lookup_dim": 0, "estimator": "straight_through"}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,7 +43,7 @@ class VQVAEConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown model settings: {sorted(unknown)}")
-        return cls(**values)
+        return cls(**{**cls.LEGACY, **values})
 
     @property
     def scale(self) -> int:
@@ -71,6 +78,20 @@ def weights_fingerprint(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def rotate_onto(latents: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The rotation trick (Fifty et al. 2024): each latent row is carried onto its code by the rotation R that turns
+    its direction u into the code's direction v, and by the ratio of their lengths. Forward, that is the code
+    itself; backward, the encoder's gradient is the decoder's, rotated and rescaled by the same (fixed) map, rather
+    than copied. R = I - 2 r r^T + 2 v u^T with r = (u + v) / |u + v|, applied without forming the matrix."""
+    latent_norms = latents.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    code_norms = codes.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    u, v = (latents / latent_norms).detach(), (codes / code_norms).detach()
+    r = F.normalize(u + v, dim=1, eps=1e-8)
+    rotated = latents - 2 * r * (r * latents).sum(1, keepdim=True) + 2 * v * (u * latents).sum(1, keepdim=True)
+    rotated = rotated * (code_norms / latent_norms).detach()
+    return codes.detach() + (rotated - rotated.detach())  # exactly the code forward, the rotation's gradient back
 
 
 def _draw(population: int, count: int, device: torch.device) -> torch.Tensor:
@@ -158,13 +179,20 @@ class Decoder(nn.Module):
 
 
 class VectorQuantizer(nn.Module):
-    """Nearest-code quantisation with a straight-through gradient.
+    """Nearest-code quantisation: forward(latents [B, D, H, W]) -> (quantized [B, D, H, W], indices [B, H, W], loss).
 
-    forward(latents [B, D, H, W]) -> (quantized [B, D, H, W], indices [B, H, W], loss).
     With quantizer="ema" the codebook follows moving averages of the encoder outputs assigned to each code
     (Laplace-smoothed cluster sizes) and the loss is only beta * commitment; with "gradient" the loss is
     codebook loss + beta * commitment. Either way, codes whose moving-average use falls below
     dead_code_threshold are re-seeded from encoder outputs of the previous training step. Computes in float32.
+
+    Options from the recent literature:
+    - code_distance="cosine": latents and codes are l2-normalised before the search, and the moving averages run on
+      unit vectors (ViT-VQGAN; Yu et al. 2022).
+    - lookup_dim=d: the search runs in d dimensions: latents are projected from D to d, the codebook holds d-vectors,
+      and the chosen code is projected back to D (factorised codes, same paper).
+    - estimator="rotation": gradients reach the encoder through the rotation and rescaling that carries each latent
+      onto its code, instead of a straight-through copy (Fifty et al. 2024).
 
     Under torch.distributed every process holds the same codebook: each training step makes exactly one
     collective call, an all-reduce of the code counts, the sums of the vectors assigned to each code and the first
@@ -172,21 +200,30 @@ class VectorQuantizer(nn.Module):
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, beta: float = 0.25, quantizer: str = "ema",
-                 ema_decay: float = 0.99, ema_epsilon: float = 1e-5, dead_code_threshold: float = 1.0):
+                 ema_decay: float = 0.99, ema_epsilon: float = 1e-5, dead_code_threshold: float = 1.0,
+                 code_distance: str = "euclidean", lookup_dim: int = 0, estimator: str = "straight_through"):
         super().__init__()
-        if quantizer not in ("ema", "gradient"):
-            raise ValueError(f"quantizer must be 'ema' or 'gradient', got {quantizer!r}")
+        for name, value, allowed in (("quantizer", quantizer, ("ema", "gradient")),
+                                     ("code_distance", code_distance, ("euclidean", "cosine")),
+                                     ("estimator", estimator, ("straight_through", "rotation"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.beta, self.use_ema = beta, quantizer == "ema"
         self.ema_decay, self.ema_epsilon = ema_decay, ema_epsilon
         self.dead_code_threshold = dead_code_threshold
-        initial = torch.empty(num_embeddings, embedding_dim).uniform_(-1 / num_embeddings, 1 / num_embeddings)
+        self.cosine, self.rotation = code_distance == "cosine", estimator == "rotation"
+        self.code_dim = lookup_dim or embedding_dim
+        if lookup_dim:
+            self.project_in = nn.Linear(embedding_dim, lookup_dim)
+            self.project_out = nn.Linear(lookup_dim, embedding_dim)
+        initial = torch.empty(num_embeddings, self.code_dim).uniform_(-1 / num_embeddings, 1 / num_embeddings)
         self.embedding = nn.Parameter(initial, requires_grad=not self.use_ema)
         # Moving-average use of each code per step. Starting at zero makes every code "dead", so the codebook is
         # seeded from real encoder outputs (by initialise(), or by the restarts of the second training step).
         self.register_buffer("cluster_size", torch.zeros(num_embeddings))
         # Moving-average sum of the vectors assigned to each code: zero, like the counts, until a code is used.
-        self.register_buffer("embedding_sum", torch.zeros(num_embeddings, embedding_dim))
+        self.register_buffer("embedding_sum", torch.zeros(num_embeddings, self.code_dim))
         # Encoder outputs of the last training step (the same on every process), for codes that die.
         self.register_buffer("restart_candidates", initial.clone())
 
@@ -195,8 +232,23 @@ class VectorQuantizer(nn.Module):
         state_dict.setdefault(prefix + "restart_candidates", state_dict.get(prefix + "embedding", self.embedding))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def nearest_codes(self, flat: torch.Tensor) -> torch.Tensor:
+    def codebook(self) -> torch.Tensor:
+        """The code vectors [K, d] the search compares with (unit vectors with cosine codes)."""
         codebook = self.embedding.float()
+        return F.normalize(codebook, dim=1) if self.cosine else codebook
+
+    def to_code_space(self, flat: torch.Tensor) -> torch.Tensor:
+        """Encoder outputs [N, D] as the search sees them: projected to lookup_dim, l2-normalised for cosine."""
+        if self.code_dim != self.embedding_dim:
+            flat = self.project_in(flat)
+        return F.normalize(flat, dim=1) if self.cosine else flat
+
+    def from_code_space(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.project_out(codes) if self.code_dim != self.embedding_dim else codes
+
+    def nearest_codes(self, flat: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest code for each row of flat [N, d] (vectors in code space)."""
+        codebook = self.codebook()
         squared_norms = codebook.pow(2).sum(1)[None, :]
         # |x|^2 is the same for every code, so argmin needs only |e|^2 - 2 x.e: one fused matrix product per chunk
         # of rows, so that the distance matrix stays small however many vectors come at once (a training batch is
@@ -208,25 +260,24 @@ class VectorQuantizer(nn.Module):
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Code vectors for indices [B, H, W] as a [B, D, H, W] tensor, channels-last in memory (as the
         convolutions around it prefer: no copy)."""
-        return F.embedding(indices, self.embedding.float()).permute(0, 3, 1, 2)
+        return self.from_code_space(F.embedding(indices, self.codebook())).permute(0, 3, 1, 2)
 
     def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.autocast(device_type=latents.device.type, enabled=False):
-            latents = latents.float()
             batch, _, height, width = latents.shape
-            flat = latents.permute(0, 2, 3, 1).reshape(-1, self.embedding_dim)
+            flat = self.to_code_space(latents.float().permute(0, 2, 3, 1).reshape(-1, self.embedding_dim))
             if self.training:
                 self._restart_dead_codes()
             indices = self.nearest_codes(flat.detach())
             if self.training:
                 self._update(flat.detach(), indices)
-            indices = indices.view(batch, height, width)
-            quantized = self.lookup(indices)
-            loss = self.beta * F.mse_loss(latents, quantized.detach())
+            codes = F.embedding(indices, self.codebook())
+            loss = self.beta * F.mse_loss(flat, codes.detach())
             if not self.use_ema:
-                loss = loss + F.mse_loss(quantized, latents.detach())
-            quantized = latents + (quantized - latents).detach()  # straight-through estimator
-        return quantized, indices, loss
+                loss = loss + F.mse_loss(codes, flat.detach())
+            passed = rotate_onto(flat, codes) if self.rotation else flat + (codes - flat).detach()
+            quantized = self.from_code_space(passed).view(batch, height, width, self.embedding_dim)
+        return quantized.permute(0, 3, 1, 2), indices.view(batch, height, width), loss
 
     @torch.no_grad()
     def _update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
@@ -243,16 +294,17 @@ class VectorQuantizer(nn.Module):
         counts = packed[:, 0]
         self.cluster_size.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
         if self.use_ema:
-            self.embedding_sum.mul_(self.ema_decay).add_(packed[:, 1:1 + self.embedding_dim],
-                                                         alpha=1 - self.ema_decay)
+            self.embedding_sum.mul_(self.ema_decay).add_(packed[:, 1:1 + self.code_dim], alpha=1 - self.ema_decay)
             total = self.cluster_size.sum()
             smoothed = (self.cluster_size + self.ema_epsilon) / (total + self.num_embeddings * self.ema_epsilon) * total
             # A code never assigned anything has no mean to move to: it keeps its vector (dividing its zero sum
             # would pull it to the origin, and a sum out of step with its count would blow it up).
             updated = self.embedding_sum / smoothed.unsqueeze(1)
+            if self.cosine:  # the mean of unit vectors, back on the sphere
+                updated = F.normalize(updated, dim=1)
             self.embedding.data.copy_(torch.where((self.cluster_size > 0)[:, None], updated, self.embedding.data))
         if self.dead_code_threshold > 0:
-            self.restart_candidates.copy_(packed[:, -self.embedding_dim:])
+            self.restart_candidates.copy_(packed[:, -self.code_dim:])
 
     @torch.no_grad()
     def _restart_dead_codes(self) -> None:
@@ -272,7 +324,7 @@ class VectorQuantizer(nn.Module):
         """Seed the codebook from encoder outputs [N, D] of `steps` training steps (a fraction of a step when each
         process seeds from its own share of the first batches): K of them drawn at random, refined by k-means when
         kmeans_iterations > 0."""
-        vectors = vectors.float()
+        vectors = self.to_code_space(vectors.float())
         centres = vectors[_draw(len(vectors), self.num_embeddings, vectors.device)].clone()
         for _ in range(kmeans_iterations):
             self.embedding.data.copy_(centres)
@@ -281,6 +333,8 @@ class VectorQuantizer(nn.Module):
             sums = torch.zeros_like(centres).index_add_(0, assignment, vectors)
             used = counts > 0
             centres[used] = sums[used] / counts[used, None]
+            if self.cosine:  # spherical k-means
+                centres = F.normalize(centres, dim=1)
         self.embedding.data.copy_(centres)
         # k-means knows each code's share of the data; a random draw does not, and counts every code as used at the
         # threshold, so that a code the encoder soon leaves behind is restarted within a step or two.
@@ -296,8 +350,10 @@ class VQVAE(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.quantizer = VectorQuantizer(config.num_embeddings, config.embedding_dim, config.beta, config.quantizer,
-                                         config.ema_decay, config.ema_epsilon, config.dead_code_threshold)
+        self.quantizer = VectorQuantizer(
+            config.num_embeddings, config.embedding_dim, beta=config.beta, quantizer=config.quantizer,
+            ema_decay=config.ema_decay, ema_epsilon=config.ema_epsilon, dead_code_threshold=config.dead_code_threshold,
+            code_distance=config.code_distance, lookup_dim=config.lookup_dim, estimator=config.estimator)
         self.decoder = Decoder(config)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

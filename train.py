@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "outputs of the first batches (default: a random draw of them)")
     model.add_argument("--normalization", choices=("none", "group"), default=defaults.normalization,
                        help="GroupNorm in the convolutional blocks, or none")
+    model.add_argument("--code-distance", choices=("euclidean", "cosine"), default=defaults.code_distance,
+                       help="cosine: latents and codes l2-normalised before the nearest-code search (ViT-VQGAN)")
+    model.add_argument("--lookup-dim", type=int, default=defaults.lookup_dim,
+                       help="search the codebook in this many dimensions, projected from D and back (factorised "
+                       "codes); 0 = search in D")
+    model.add_argument("--estimator", choices=("straight_through", "rotation"), default=defaults.estimator,
+                       help="how gradients pass the quantizer: copied straight through, or by the rotation trick")
     utils.add_run_arguments(parser, epochs=10, batch_size=16, lr=1e-3)
     parser.add_argument("--ssim-weight", type=float, default=0.2, help="weight of (1 - SSIM) added to the MSE")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
@@ -83,7 +90,8 @@ def build_config(args: argparse.Namespace) -> VQVAEConfig:
                        downsamples=args.downsamples, num_embeddings=args.num_embeddings,
                        embedding_dim=args.embedding_dim, beta=args.beta, quantizer=args.quantizer,
                        ema_decay=args.ema_decay, dead_code_threshold=args.dead_code_threshold,
-                       normalization=args.normalization)
+                       normalization=args.normalization, code_distance=args.code_distance,
+                       lookup_dim=args.lookup_dim, estimator=args.estimator)
 
 
 def check_image_size(size: tuple[int, int], scale: int) -> None:

@@ -143,3 +143,52 @@ def test_fingerprint_leaves_out_restart_candidates_so_old_priors_still_match():
     assert weights_fingerprint(model) == digest.hexdigest()[:16]
     model.quantizer.embedding.data.add_(1)
     assert weights_fingerprint(model) != digest.hexdigest()[:16]
+
+
+def test_cosine_codes_and_their_outputs_have_unit_norm():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(16, 4, code_distance="cosine").train()
+    for _ in range(4):
+        quantized, _, _ = quantizer(torch.randn(2, 4, 5, 5) * 3 + 1)
+    torch.testing.assert_close(quantizer.codebook().norm(dim=1), torch.ones(16))
+    torch.testing.assert_close(quantizer.embedding.detach().norm(dim=1), torch.ones(16))  # the EMA stays on it
+    torch.testing.assert_close(quantized.norm(dim=1), torch.ones(2, 5, 5))
+
+
+def test_low_dimensional_lookup_round_trips_shapes():
+    model = VQVAE(VQVAEConfig(**{**SMALL, "embedding_dim": 32}, lookup_dim=8))
+    images = torch.rand(2, 1, 32, 16)
+    reconstruction, indices, _ = model(images)
+    assert model.quantizer.embedding.shape == (16, 8)  # the codebook lives in the low dimension
+    assert reconstruction.shape == images.shape and indices.shape == (2, 8, 4)
+    assert model.encode(images).shape == model.quantizer.lookup(indices).shape == (2, 32, 8, 4)
+    assert model.decode_codes(indices).shape == images.shape
+
+
+def test_rotation_trick_gradient_reaches_the_encoder_and_is_straight_through_when_code_equals_latent():
+    from modules import rotate_onto
+
+    torch.manual_seed(0)
+    latents = torch.randn(6, 4, requires_grad=True)
+    codes = torch.randn(6, 4)
+    upstream = torch.randn(6, 4)
+    rotated = rotate_onto(latents, codes)
+    assert torch.equal(rotated.detach(), codes)  # forward: exactly the code
+    (rotated * upstream).sum().backward()
+    assert latents.grad.abs().sum() > 0 and not torch.allclose(latents.grad, upstream)
+    # The map is a rotation times |code| / |latent|: gradient lengths scale by that ratio.
+    ratio = codes.norm(dim=1) / latents.detach().norm(dim=1)
+    torch.testing.assert_close(latents.grad.norm(dim=1), upstream.norm(dim=1) * ratio)
+    same = latents.detach().clone().requires_grad_()
+    (rotate_onto(same, same.detach().clone()) * upstream).sum().backward()
+    torch.testing.assert_close(same.grad, upstream)  # code == latent: the identity, as straight-through
+    quantizer = VectorQuantizer(8, 4, estimator="rotation", dead_code_threshold=0).train()
+    inputs = torch.randn(2, 4, 3, 3, requires_grad=True)
+    quantizer(inputs)[0].sum().backward()
+    assert inputs.grad.abs().sum() > 0
+
+
+def test_configs_saved_before_an_option_existed_load_as_they_were_trained():
+    old = {key: value for key, value in VQVAEConfig().to_dict().items() if key not in VQVAEConfig.LEGACY}
+    config = VQVAEConfig.from_dict(old)
+    assert (config.code_distance, config.lookup_dim, config.estimator) == ("euclidean", 0, "straight_through")
