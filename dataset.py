@@ -575,21 +575,31 @@ def code_loader(codes: torch.Tensor, labels: torch.Tensor, batch_size: int, shuf
 
 @torch.no_grad()
 def encode_split(model: torch.nn.Module, slices: SliceSet, device: torch.device, cache_dir: str | Path,
-                 batch_size: int = 128, log: Log = print) -> torch.Tensor:
-    """Code maps [N, h, w] of a split (int16, or int32 for codebooks over 32767), computed once per (data, model)
-    and cached on disk, built once like the slices. `model` has code_map(images) and config.num_embeddings."""
-    path = Path(cache_dir) / f"codes-{slices.name}-{slices.cache_key}-{weights_fingerprint(model)}.npy"
+                 batch_size: int = 128, log: Log = print) -> list[torch.Tensor]:
+    """Code maps of a split, one tensor [N, h, w] per level of the model (int16, or int32 for codebooks over
+    32767), computed once per (data, model) and cached on disk, built once like the slices. `model` has
+    code_maps(images), levels and config.num_embeddings."""
+    path = Path(cache_dir) / f"codes-{slices.name}-{slices.cache_key}-{weights_fingerprint(model)}.npz"
     dtype = torch.int16 if model.config.num_embeddings <= 32767 else torch.int32
 
     def encode() -> None:
         model.eval()
         loader = BatchLoader(slices.images, slices.labels, batch_size, shuffle=False, device=device)
-        codes = [model.code_map(images).to("cpu", dtype)
-                 for images, _ in progress_bar(loader, desc=f"encoding {slices.name}", unit="batch")]
-        save_npy(path, torch.cat(codes).numpy())
+        levels: list[list[torch.Tensor]] = [[] for _ in model.levels]
+        for images, _ in progress_bar(loader, desc=f"encoding {slices.name}", unit="batch"):
+            for stored, codes in zip(levels, model.code_maps(images)):
+                stored.append(codes.to("cpu", dtype))
+        arrays = {f"level{index}": torch.cat(level).numpy() for index, level in enumerate(levels)}
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)
+
+        atomic_write(path, write)
 
     build_once(path.exists, encode, [path], log)
-    return torch.from_numpy(np.load(path))
+    with np.load(path) as stored:
+        return [torch.from_numpy(stored[f"level{index}"]) for index in range(len(model.levels))]
 
 
 def prior_evaluation_loaders(codes: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,

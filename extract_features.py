@@ -1,16 +1,25 @@
 """Turn every slice into codes and fixed-length features with a trained VQ-VAE; optionally probe them with labels.
 
     python extract_features.py -m checkpoints/<run>.pth --out features.npz
-    python extract_features.py -m checkpoints/<run>.pth --out features.npz --probe --metrics-json probe.json
+    python extract_features.py -m checkpoints/<run>.pth --probe --metrics-json probe.json
 
-Features per slice: the normalised histogram of the codes it uses (bag of codes) and its quantized embeddings
-pooled over space (mean and max). --probe fits a multinomial logistic regression on 1%, 10% and 100% of the
-training labels (class-balanced, fixed seed) and compares it with the same probe on raw pixels downsampled to
-the code-map size.
+Feature sets per slice (every level of a two-level model, concatenated), written to the .npz under these names:
+  bag          the normalised histogram of the codes it uses (K per level)
+  pooled       its code vectors averaged and max-pooled over the slice (2D per level)
+  grid         its code vectors averaged over a 2x2 and a 4x4 grid of the slice, a small spatial pyramid (20D)
+  latent       the encoder's continuous output before quantization, averaged and max-pooled (2D per level)
+  latent_grid  that continuous output averaged over the 2x2 and 4x4 grids (20D per level)
+  pixels       the raw slice average-pooled to the code-map size: the baseline
+
+--probe fits a multinomial logistic regression (L-BFGS, L2 penalty chosen by cross-validation on the labelled
+slices) on 1%, 10% and 100% of the training labels (class-balanced draws), --seeds times, for each set of --features
+(names, or names joined by "+", concatenated), for the pixel baseline and for pixels pooled to the dimension of the
+first feature set. It reports each accuracy's mean and standard deviation over the seeds.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +30,12 @@ import torch.nn.functional as F
 
 import utils
 from dataset import Preprocessing, SliceSet, checkpoint_data, encode_split, load_split
-from modules import VQVAE
+from modules import VQVAE, VQVAE2
 from utils import UsageError
+
+FEATURE_SETS = ("bag", "pooled", "grid", "latent", "latent_grid")
+GRIDS = (2, 4)  # the spatial pyramid of the grid features
+DEFAULT_FEATURES = ["grid", "bag+pooled", "bag", "pooled", "latent", "latent_grid"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -35,10 +48,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", help="data folder; default: the one the checkpoint was trained on")
     parser.add_argument("--out", default="features.npz", help="where the features are written")
     parser.add_argument("--probe", action="store_true", help="train and test linear probes (needs class folders)")
+    parser.add_argument("--features", nargs="+", default=DEFAULT_FEATURES, metavar="SET",
+                        help="feature sets to probe, each a name or names joined by '+'; the first is the one "
+                        "reported as accuracy_features_* (and the size the matched pixel baseline takes)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[1, 10, 100],
                         help="percentages of the training labels the probe may use")
+    parser.add_argument("--seeds", type=int, default=5, help="label draws (and fits) per fraction")
     parser.add_argument("--metrics-json", help="write the probe accuracies to this JSON file")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the choice of labelled slices")
+    parser.add_argument("--seed", type=int, default=0, help="the first seed of the label draws")
     parser.add_argument("--batch-size", type=int, default=128, help="slices per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--cache-dir", default=".cache/slices", help="cache of decoded slices and codes")
@@ -49,51 +66,89 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @dataclass
 class SplitFeatures:
     slices: SliceSet
-    codes: torch.Tensor  # [N, h, w], int16 (int32 for K > 32767)
-    bag_of_codes: torch.Tensor  # [N, K]
-    embedding_mean: torch.Tensor  # [N, D]
-    embedding_max: torch.Tensor  # [N, D]
-    pixels: torch.Tensor  # [N, C * h * w]: the slices average-pooled to the code-map size, the baseline
+    codes: list[torch.Tensor]  # per level [N, h, w], int16 (int32 for K > 32767)
+    sets: dict[str, torch.Tensor]  # FEATURE_SETS and the pixel baselines, each [N, size]
 
-    def vectors(self) -> torch.Tensor:
-        return torch.cat([self.bag_of_codes, self.embedding_mean, self.embedding_max], dim=1)
+    def vectors(self, name: str) -> torch.Tensor:
+        """A feature set, or several joined by '+', concatenated."""
+        return torch.cat([self.sets[part] for part in name.split("+")], dim=1)
+
+
+def pyramid(maps: torch.Tensor) -> torch.Tensor:
+    """[B, D, h, w] averaged over each grid of GRIDS: [B, D * (4 + 16)]."""
+    return torch.cat([F.adaptive_avg_pool2d(maps, size).flatten(1) for size in GRIDS], dim=1)
+
+
+def mean_and_max(maps: torch.Tensor) -> torch.Tensor:
+    flat = maps.flatten(2)
+    return torch.cat([flat.mean(dim=2), flat.amax(dim=2)], dim=1)
 
 
 @torch.no_grad()
-def split_features(model: VQVAE, slices: SliceSet, device: torch.device, cache_dir: str, batch_size: int,
-                   ) -> SplitFeatures:
-    """Every feature of a split, computed batch by batch: memory stays a small multiple of the features."""
+def level_features(quantizer, codes: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every feature set of one level, for a batch of code maps [B, h, w] and their latents [B, D, h, w]."""
+    flat = codes.flatten(1)
+    counts = torch.zeros(len(codes), quantizer.num_embeddings, device=codes.device).scatter_add_(
+        1, flat, torch.ones(flat.shape, device=codes.device))  # a histogram per slice, without a one-hot tensor
+    vectors = quantizer.lookup(codes)
+    latents = latents.float()
+    return {"bag": counts / flat.shape[1], "pooled": mean_and_max(vectors), "grid": pyramid(vectors),
+            "latent": mean_and_max(latents), "latent_grid": pyramid(latents)}
+
+
+def feature_size(name: str, config) -> int:
+    """How many numbers a feature set (or several joined by '+') has per slice."""
+    grid_cells = sum(size * size for size in GRIDS)
+    per_level = {"bag": config.num_embeddings, "pooled": 2 * config.embedding_dim,
+                 "grid": grid_cells * config.embedding_dim, "latent": 2 * config.embedding_dim,
+                 "latent_grid": grid_cells * config.embedding_dim}
+    return config.levels * sum(per_level[part] for part in name.split("+"))
+
+
+def matched_grid(size: int, channels: int, image_shape: tuple[int, int]) -> tuple[int, int]:
+    """The pooling grid that gives raw pixels about `size` numbers (at most the image itself)."""
+    side = max(1, round(math.sqrt(size / channels)))
+    return min(side, image_shape[0]), min(side, image_shape[1])
+
+
+@torch.no_grad()
+def split_features(model: VQVAE | VQVAE2, slices: SliceSet, device: torch.device, cache_dir: str, batch_size: int,
+                   matched_size: int = 0) -> SplitFeatures:
+    """Every feature set of a split, of every level, computed batch by batch: memory stays a small multiple of the
+    features. matched_size > 0 adds "pixels_matched": the slices pooled to about that many numbers."""
+    model.eval()
     codes = encode_split(model, slices, device, cache_dir, batch_size)
-    num_codes, scale = model.config.num_embeddings, model.config.scale
-    parts: dict[str, list[torch.Tensor]] = {"bag": [], "mean": [], "max": [], "pixels": []}
-    for start in range(0, len(codes), batch_size):
-        batch = codes[start:start + batch_size].to(device).long()
-        flat = batch.flatten(1)
-        counts = torch.zeros(len(batch), num_codes, device=device).scatter_add_(
-            1, flat, torch.ones(flat.shape, device=device))  # a histogram per slice, without a one-hot tensor
-        parts["bag"].append((counts / flat.shape[1]).cpu())
-        embedded = model.quantizer.lookup(batch).flatten(2)
-        parts["mean"].append(embedded.mean(dim=2).cpu())
-        parts["max"].append(embedded.amax(dim=2).cpu())
-        parts["pixels"].append(F.avg_pool2d(slices.as_float(slice(start, start + batch_size)), scale).flatten(1))
-    return SplitFeatures(slices, codes, *(torch.cat(parts[name]) for name in ("bag", "mean", "max", "pixels")))
+    channels, image_shape = slices.images.shape[1], tuple(slices.images.shape[-2:])
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(slices), batch_size):
+        images = slices.as_float(slice(start, start + batch_size))
+        latents = model.latent_maps(images.to(device))
+        per_level = [level_features(quantizer, level[start:start + batch_size].to(device).long(), level_latents)
+                     for quantizer, level, level_latents in zip(model.quantizers, codes, latents)]
+        batch = {name: torch.cat([level[name] for level in per_level], dim=1).cpu() for name in FEATURE_SETS}
+        batch["pixels"] = F.avg_pool2d(images, model.config.scale).flatten(1)
+        if matched_size:
+            batch["pixels_matched"] = F.adaptive_avg_pool2d(
+                images, matched_grid(matched_size, channels, image_shape)).flatten(1)
+        for name, values in batch.items():
+            parts.setdefault(name, []).append(values)
+    return SplitFeatures(slices, codes, {name: torch.cat(values) for name, values in parts.items()})
 
 
-def save_features(path: str | Path, features: dict[str, SplitFeatures]) -> None:
+def save_features(path: str | Path, features: dict[str, SplitFeatures], levels: tuple[str, ...]) -> None:
     splits = list(features)
+    code_names = ["codes"] if len(levels) == 1 else [f"codes_{level}" for level in levels]
 
     def column(getter) -> np.ndarray:
         return np.concatenate([getter(features[split]) for split in splits])
 
     arrays = {
         "path": column(lambda f: np.array(f.slices.sources, dtype=str)),
-        "split": column(lambda f: np.array([f.slices.name] * len(f.codes), dtype=str)),
+        "split": column(lambda f: np.array([f.slices.name] * len(f.slices), dtype=str)),
         "label": column(lambda f: f.slices.labels.numpy()),
         "class_names": np.array(features[splits[0]].slices.class_names, dtype=str),
-        "codes": column(lambda f: f.codes.numpy()),
-        "bag_of_codes": column(lambda f: f.bag_of_codes.numpy()),
-        "embedding_mean": column(lambda f: f.embedding_mean.numpy()),
-        "embedding_max": column(lambda f: f.embedding_max.numpy()),
+        **{name: column(lambda f, index=index: f.codes[index].numpy()) for index, name in enumerate(code_names)},
+        **{name: column(lambda f, name=name: f.sets[name].numpy()) for name in (*FEATURE_SETS, "pixels")},
     }
 
     def write(tmp: str) -> None:
@@ -119,6 +174,10 @@ def balanced_subset(labels: torch.Tensor, percent: float, class_names: list[str]
     return torch.cat(chosen)
 
 
+PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the L2 penalties cross-validation chooses from
+CV_FOLDS = 5
+
+
 def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
                      weight_decay: float = 1e-2) -> torch.nn.Linear:
     """Multinomial logistic regression with an L2 penalty, fitted to convergence by L-BFGS."""
@@ -135,28 +194,91 @@ def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     return probe
 
 
-def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                   num_classes: int) -> float:
+def standardised(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Features scaled by the training part's mean and standard deviation."""
     mean = train_x.mean(0)
     std = train_x.std(0).clamp_min(1e-6) if len(train_x) > 1 else torch.ones_like(mean)
-    probe = fit_linear_probe((train_x - mean) / std, train_y, num_classes)
+    return [(values - mean) / std for values in (train_x, *others)]
+
+
+def stratified_folds(labels: torch.Tensor, folds: int, generator: torch.Generator) -> torch.Tensor:
+    """A fold number for each item, every class spread evenly over the folds."""
+    fold_of = torch.empty(len(labels), dtype=torch.long)
+    for label in labels.unique():
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        fold_of[members] = torch.arange(len(members)) % folds
+    return fold_of
+
+
+def cross_validated_penalty(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                            generator: torch.Generator) -> float:
+    """The penalty of PENALTIES whose probes predict the held-out folds of the labelled slices with the lowest
+    cross-entropy (stratified folds; ties go to the larger penalty). Log-loss, not accuracy, so that the choice
+    also sees how sure the probe is."""
+    folds = min(CV_FOLDS, int(torch.bincount(labels).min()))
+    if folds < 2:
+        return 1e-2  # too few labels to hold any out
+    fold_of = stratified_folds(labels, folds, generator)
+    losses = []
+    for penalty in PENALTIES:
+        loss = 0.0
+        for fold in range(folds):
+            held = fold_of == fold
+            train_x, held_x = standardised(features[~held], features[held])
+            probe = fit_linear_probe(train_x, labels[~held], num_classes, penalty)
+            with torch.no_grad():
+                loss += F.cross_entropy(probe(held_x), labels[held], reduction="sum").item()
+        losses.append(loss)
+    best = min(losses)
+    return max(penalty for penalty, loss in zip(PENALTIES, losses) if loss <= best * (1 + 1e-6))
+
+
+def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                   num_classes: int, generator: torch.Generator) -> float:
+    """Test accuracy of a probe fitted on standardised training features with a cross-validated penalty."""
+    penalty = cross_validated_penalty(train_x, train_y, num_classes, generator)
+    train_x, test_x = standardised(train_x, test_x)
+    probe = fit_linear_probe(train_x, train_y, num_classes, penalty)
     with torch.no_grad():
-        predictions = probe((test_x - mean) / std).argmax(1)
+        predictions = probe(test_x).argmax(1)
     return (predictions == test_y).float().mean().item()
 
 
-def run_probes(features: dict[str, SplitFeatures], evaluation: str, fractions: list[float],
-               seed: int) -> dict[str, float]:
+BASELINES = ("pixels", "pixels_matched")
+
+
+def run_probes(features: dict[str, SplitFeatures], evaluation: str, fractions: list[float], sets: list[str],
+               seeds: list[int]) -> dict[str, float]:
+    """Mean and standard deviation over seeds of each probe's accuracy, per feature set and label fraction.
+
+    Keys: accuracy_<set>_<percent> and ..._std for every set and baseline; accuracy_features_<percent> (and _std)
+    for the first set; margin_<percent> (and _std): the first set's accuracy minus the best baseline's, per seed."""
     train, test = features["train"], features[evaluation]
-    class_names = train.slices.class_names
-    inputs = {"features": (train.vectors(), test.vectors()), "pixels": (train.pixels, test.pixels)}
+    labels, num_classes = train.slices.labels, len(train.slices.class_names)
+    names = [*sets, *BASELINES]
+    inputs = {name: (train.vectors(name), test.vectors(name)) for name in names}
     results = {}
     for percent in fractions:
-        subset = balanced_subset(train.slices.labels, percent, class_names, seed)
-        for name, (train_x, test_x) in inputs.items():
-            results[f"accuracy_{name}_{percent:g}"] = probe_accuracy(
-                train_x[subset], train.slices.labels[subset], test_x, test.slices.labels, len(class_names))
+        accuracies = {name: [] for name in names}
+        for seed in seeds:
+            subset = balanced_subset(labels, percent, train.slices.class_names, seed)
+            for name, (train_x, test_x) in inputs.items():
+                accuracies[name].append(probe_accuracy(train_x[subset], labels[subset], test_x, test.slices.labels,
+                                                       num_classes, torch.Generator().manual_seed(seed)))
+        for name, values in accuracies.items():
+            results[f"accuracy_{name}_{percent:g}"], results[f"accuracy_{name}_{percent:g}_std"] = mean_std(values)
+        results[f"accuracy_features_{percent:g}"] = results[f"accuracy_{sets[0]}_{percent:g}"]
+        results[f"accuracy_features_{percent:g}_std"] = results[f"accuracy_{sets[0]}_{percent:g}_std"]
+        best_baseline = max(BASELINES, key=lambda name: results[f"accuracy_{name}_{percent:g}"])
+        margins = [ours - theirs for ours, theirs in zip(accuracies[sets[0]], accuracies[best_baseline])]
+        results[f"margin_{percent:g}"], results[f"margin_{percent:g}_std"] = mean_std(margins)
     return results
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
 def check_labels(features: dict[str, SplitFeatures], root: Path) -> None:
@@ -168,43 +290,68 @@ def check_labels(features: dict[str, SplitFeatures], root: Path) -> None:
         raise UsageError(f"{root}: --probe needs at least two classes, found only '{train.class_names[0]}'")
 
 
-def save_probe_figures(folder: Path, results: dict[str, float], fractions: list[float], test: SplitFeatures) -> None:
+def save_probe_figures(folder: Path, results: dict[str, float], fractions: list[float], sets: list[str],
+                       test: SplitFeatures) -> None:
     plt = utils.pyplot()
-    fig, (accuracy_axis, pca_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in ("features", "pixels"):
-        accuracy_axis.plot(fractions, [results[f"accuracy_{name}_{p:g}"] for p in fractions], marker="o",
-                           label="VQ-VAE features" if name == "features" else "raw pixels (code-map size)")
+    fig, (accuracy_axis, pca_axis) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    for name in [*sets, *BASELINES]:
+        label = {"pixels": "raw pixels (code-map size)", "pixels_matched": "raw pixels (size of the first set)"}
+        accuracy_axis.errorbar(fractions, [results[f"accuracy_{name}_{p:g}"] for p in fractions],
+                               yerr=[results[f"accuracy_{name}_{p:g}_std"] for p in fractions], marker="o",
+                               markersize=3, capsize=3, linestyle="--" if name in BASELINES else "-",
+                               label=label.get(name, name))
     accuracy_axis.set_xscale("log")
     accuracy_axis.set_xlabel("% of training labels used")
     accuracy_axis.set_ylabel(f"accuracy on the {test.slices.name} split")
-    accuracy_axis.set_title("linear probe")
-    accuracy_axis.legend(fontsize=8)
+    accuracy_axis.set_title("linear probe: mean and standard deviation over label draws", fontsize=10)
+    accuracy_axis.legend(fontsize=7)
     accuracy_axis.grid(alpha=0.3)
-    vectors = test.vectors()
-    vectors = (vectors - vectors.mean(0)) / vectors.std(0).clamp_min(1e-6)
+    vectors, = standardised(test.vectors(sets[0]))
     _, _, components = torch.linalg.svd(vectors, full_matrices=False)
     projected = (vectors @ components[:2].t()).numpy()
     for class_id, name in enumerate(test.slices.class_names):
         members = (test.slices.labels == class_id).numpy()
         pca_axis.scatter(projected[members, 0], projected[members, 1], s=6, alpha=0.6, label=name)
-    pca_axis.set_title(f"PCA of the features ({test.slices.name} split)")
+    pca_axis.set_title(f"PCA of the {sets[0]} features ({test.slices.name} split)", fontsize=10)
     pca_axis.legend(fontsize=8, markerscale=2)
     utils.save_figure(fig, folder / "probe.png")
 
 
+def check_feature_sets(sets: list[str]) -> None:
+    unknown = sorted({part for name in sets for part in name.split("+")} - set(FEATURE_SETS))
+    if unknown:
+        raise UsageError(f"--features: unknown feature set {', '.join(unknown)}; choose from "
+                         f"{', '.join(FEATURE_SETS)} (several joined by '+')")
+
+
+def print_probe_table(results: dict[str, float], fractions: list[float], sets: list[str]) -> None:
+    names = [*sets, *BASELINES]
+    width = max(16, *(len(name) + 2 for name in names))
+    print("  " + f"{'labels':>7}" + "".join(f"{name:>{width}}" for name in names))
+    for percent in fractions:
+        cells = "".join(f"{results[f'accuracy_{name}_{percent:g}']:>{width - 9}.3f} ± "
+                        f"{results[f'accuracy_{name}_{percent:g}_std']:.3f}" for name in names)
+        print(f"  {percent:>6g}%{cells}")
+    print("  margin of " + sets[0] + " over the better pixel baseline, per draw: " + ", ".join(
+        f"{percent:g}%: {results[f'margin_{percent:g}']:+.3f} ± {results[f'margin_{percent:g}_std']:.3f}"
+        for percent in fractions))
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    check_feature_sets(args.features)
     device = utils.pick_device(args.device)
     model, checkpoint = utils.load_vqvae(args.model, device)
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
     source = checkpoint_data(checkpoint, args.data)
+    matched_size = feature_size(args.features[0], model.config)
     features = {}
     for split in source.files:
-        slices = load_split(source, split, prep, args.cache_dir, min_side=model.config.scale)
-        features[split] = split_features(model, slices, device, args.cache_dir, args.batch_size)
-    save_features(args.out, features)
-    total = sum(len(f.codes) for f in features.values())
-    print(f"wrote features of {total} slices ({', '.join(f'{s} {len(f.codes)}' for s, f in features.items())}) "
+        slices = load_split(source, split, prep, args.cache_dir, min_side=model.config.image_multiple)
+        features[split] = split_features(model, slices, device, args.cache_dir, args.batch_size, matched_size)
+    save_features(args.out, features, model.levels)
+    total = sum(len(f.slices) for f in features.values())
+    print(f"wrote features of {total} slices ({', '.join(f'{s} {len(f.slices)}' for s, f in features.items())}) "
           f"to {args.out}")
     if not args.probe:
         return {"num_slices": total}
@@ -212,15 +359,13 @@ def main(argv: list[str] | None = None) -> dict:
     evaluation = "test" if "test" in features else "validate"
     if evaluation == "validate":
         print("no test split: the probes are evaluated on the validation split")
-    results = run_probes(features, evaluation, args.fractions, args.seed)
-    print(f"linear probe accuracy on the {evaluation} split ({len(features[evaluation].codes)} slices, "
-          f"{len(source.class_names)} classes):")
-    print(f"  {'labels':>7}  {'features':>8}  {'pixels':>8}")
-    for percent in args.fractions:
-        print(f"  {percent:>6g}%  {results[f'accuracy_features_{percent:g}']:8.3f}  "
-              f"{results[f'accuracy_pixels_{percent:g}']:8.3f}")
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    results = run_probes(features, evaluation, args.fractions, args.features, seeds)
+    print(f"linear probe accuracy on the {evaluation} split ({len(features[evaluation].slices)} slices, "
+          f"{len(source.class_names)} classes), mean ± standard deviation over {len(seeds)} label draws:")
+    print_probe_table(results, args.fractions, args.features)
     folder = Path(args.resources_dir) / Path(args.model).stem
-    save_probe_figures(folder, results, args.fractions, features[evaluation])
+    save_probe_figures(folder, results, args.fractions, args.features, features[evaluation])
     print(f"figure in {folder}/probe.png")
     if args.metrics_json:
         utils.write_json(args.metrics_json, results)

@@ -27,12 +27,13 @@ class VQVAEConfig:
     dead_code_threshold: float = 1.0  # re-seed codes whose moving-average use per step falls below this; 0 = never
     normalization: str = "none"  # "none" or "group": GroupNorm in the convolutional blocks
     code_distance: str = "euclidean"  # "euclidean", or "cosine": latents and codes l2-normalised for the search
-    lookup_dim: int = 0  # > 0: search the codebook in this many dimensions, projected from and back to D
+    lookup_dim: int = 16  # > 0: search the codebook in this many dimensions, projected from and back to D; 0 = in D
     estimator: str = "straight_through"  # how gradients pass the quantizer: "straight_through" or "rotation"
+    levels: int = 1  # 2: VQ-VAE-2, a top code map one halving coarser above the bottom one (at `downsamples`)
 
     # What checkpoints written before an option existed were trained with: they load as they were trained, whatever
     # today's defaults are.
-    LEGACY = {"code_distance": "euclidean", "lookup_dim": 0, "estimator": "straight_through"}
+    LEGACY = {"code_distance": "euclidean", "lookup_dim": 0, "estimator": "straight_through", "levels": 1}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,10 +48,17 @@ class VQVAEConfig:
 
     @property
     def scale(self) -> int:
+        """How many pixels per side one code of the finest (bottom) level covers."""
         return 2**self.downsamples
+
+    @property
+    def image_multiple(self) -> int:
+        """Image sides must be multiples of this: the coarsest level's code size."""
+        return 2 ** (self.downsamples + self.levels - 1)
 
 
 DISTANCE_ELEMENTS = 2**24  # the most entries of the vector-to-code distance matrix held at once (64 MB)
+CONDITION_DILATIONS = (1, 2, 4)  # a conditioned prior's view of the coarser map: 15x15 codes around each position
 
 
 def _distributed() -> bool:
@@ -130,14 +138,20 @@ class ResidualStack(nn.Sequential):
 
 
 class Encoder(nn.Module):
-    """Strided 4x4 convolutions (each halves the size), a 3x3 convolution, a residual stack, a 1x1 to D channels."""
+    """Strided 4x4 convolutions (each halves the size), a 3x3 convolution, a residual stack, a 1x1 to D channels.
 
-    def __init__(self, config: VQVAEConfig):
+    The config sets every size; in_channels, downsamples and out_channels may differ from it (VQ-VAE-2's parts).
+    out_channels=0 leaves the 1x1 out: the residual stack's hidden features are the output."""
+
+    def __init__(self, config: VQVAEConfig, in_channels: int | None = None, downsamples: int | None = None,
+                 out_channels: int | None = None):
         super().__init__()
         hidden = config.hidden_channels
-        widths = [max(hidden // 2 ** (config.downsamples - 1 - step), 16) for step in range(config.downsamples)]
+        downsamples = config.downsamples if downsamples is None else downsamples
+        out_channels = config.embedding_dim if out_channels is None else out_channels
+        widths = [max(hidden // 2 ** (downsamples - 1 - step), 16) for step in range(downsamples)]
         layers: list[nn.Module] = []
-        channels = config.in_channels
+        channels = config.in_channels if in_channels is None else in_channels
         for step, width in enumerate(widths):
             layers.append(nn.Conv2d(channels, width, 4, stride=2, padding=1))
             if step < len(widths) - 1:
@@ -147,8 +161,9 @@ class Encoder(nn.Module):
             nn.ReLU(),
             nn.Conv2d(channels, hidden, 3, padding=1),
             ResidualStack(hidden, config.residual_channels, config.num_residual_layers, config.normalization),
-            nn.Conv2d(hidden, config.embedding_dim, 1),
         ]
+        if out_channels:
+            layers.append(nn.Conv2d(hidden, out_channels, 1))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -156,14 +171,17 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The encoder's mirror: a 3x3 convolution, a residual stack, then 4x4 transposed convolutions back to pixels."""
+    """The encoder's mirror: a 3x3 convolution, a residual stack, then 4x4 transposed convolutions back to pixels
+    (or, with other in_channels, upsamples and out_channels, to another level's features)."""
 
-    def __init__(self, config: VQVAEConfig):
+    def __init__(self, config: VQVAEConfig, in_channels: int | None = None, upsamples: int | None = None,
+                 out_channels: int | None = None):
         super().__init__()
         hidden = config.hidden_channels
-        widths = [max(hidden // 2 ** (step + 1), 16) for step in range(config.downsamples - 1)]
+        upsamples = config.downsamples if upsamples is None else upsamples
+        widths = [max(hidden // 2 ** (step + 1), 16) for step in range(upsamples - 1)]
         layers: list[nn.Module] = [
-            nn.Conv2d(config.embedding_dim, hidden, 3, padding=1),
+            nn.Conv2d(config.embedding_dim if in_channels is None else in_channels, hidden, 3, padding=1),
             ResidualStack(hidden, config.residual_channels, config.num_residual_layers, config.normalization),
         ]
         channels = hidden
@@ -171,7 +189,8 @@ class Decoder(nn.Module):
             layers += [nn.ConvTranspose2d(channels, width, 4, stride=2, padding=1),
                        _norm(width, config.normalization), nn.ReLU()]
             channels = width
-        layers.append(nn.ConvTranspose2d(channels, config.in_channels, 4, stride=2, padding=1))
+        out_channels = config.in_channels if out_channels is None else out_channels
+        layers.append(nn.ConvTranspose2d(channels, out_channels, 4, stride=2, padding=1))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
@@ -256,6 +275,11 @@ class VectorQuantizer(nn.Module):
         rows = max(1, DISTANCE_ELEMENTS // self.num_embeddings)
         return torch.cat([torch.addmm(squared_norms, chunk, codebook.t(), alpha=-2.0).argmin(dim=1)
                           for chunk in flat.split(rows)])
+
+    def nearest_vectors(self, latents: torch.Tensor) -> torch.Tensor:
+        """The quantized [B, D, H, W] of latents, with nothing updated and no loss (for seeding and inspection)."""
+        flat = self.to_code_space(latents.float().permute(0, 2, 3, 1).reshape(-1, self.embedding_dim))
+        return self.lookup(self.nearest_codes(flat).view(latents.shape[0], *latents.shape[2:]))
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Code vectors for indices [B, H, W] as a [B, D, H, W] tensor, channels-last in memory (as the
@@ -345,16 +369,36 @@ class VectorQuantizer(nn.Module):
         self.restart_candidates.copy_(vectors[_draw(len(vectors), self.num_embeddings, vectors.device)])
 
 
+def make_quantizer(config: VQVAEConfig) -> VectorQuantizer:
+    return VectorQuantizer(
+        config.num_embeddings, config.embedding_dim, beta=config.beta, quantizer=config.quantizer,
+        ema_decay=config.ema_decay, ema_epsilon=config.ema_epsilon, dead_code_threshold=config.dead_code_threshold,
+        code_distance=config.code_distance, lookup_dim=config.lookup_dim, estimator=config.estimator)
+
+
+def _rows(latents: torch.Tensor) -> torch.Tensor:
+    """[B, D, H, W] latents as [B H W, D] vectors."""
+    return latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+
+
 class VQVAE(nn.Module):
+    """One map of codes: encoder, quantizer, decoder.
+
+    forward(images) -> (reconstruction, code indices [B, h, w], vq loss). The level-generic methods (levels,
+    quantizers, code_maps, decode_code_maps) let the same jobs serve VQVAE2, whose codes come in two maps."""
+
+    levels = ("codes",)
+
     def __init__(self, config: VQVAEConfig):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.quantizer = VectorQuantizer(
-            config.num_embeddings, config.embedding_dim, beta=config.beta, quantizer=config.quantizer,
-            ema_decay=config.ema_decay, ema_epsilon=config.ema_epsilon, dead_code_threshold=config.dead_code_threshold,
-            code_distance=config.code_distance, lookup_dim=config.lookup_dim, estimator=config.estimator)
+        self.quantizer = make_quantizer(config)
         self.decoder = Decoder(config)
+
+    @property
+    def quantizers(self) -> list[VectorQuantizer]:
+        return [self.quantizer]
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Continuous latents [B, D, H/s, W/s] (s = 2**downsamples)."""
@@ -373,10 +417,118 @@ class VQVAE(nn.Module):
     def code_map(self, images: torch.Tensor) -> torch.Tensor:
         return self.quantize(self.encode(images))[1]
 
+    def code_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The code indices of every level, in the order of `levels`."""
+        return [self.code_map(images)]
+
+    def latent_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The continuous encoder output [B, D, h, w] of every level, before quantization."""
+        return [self.encode(images)]
+
+    def decode_levels(self, quantized: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Images from every level's quantized vectors, in the order of `levels`."""
+        return self.decode(quantized[0])
+
+    def decode_code_maps(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.decode_levels([quantizer.lookup(level) for quantizer, level in zip(self.quantizers, codes)])
+
+    @torch.no_grad()
+    def initialise_codebooks(self, batches: Sequence[torch.Tensor], kmeans_iterations: int = 0,
+                             steps: float = 1) -> None:
+        """Seed each codebook from its encoder outputs for these image batches (see VectorQuantizer.initialise)."""
+        latents = torch.cat([_rows(self.encode(images)) for images in batches])
+        self.quantizer.initialise(latents, kmeans_iterations, steps)
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (reconstruction, code indices, vq loss)."""
         quantized, indices, vq_loss = self.quantize(self.encode(images))
         return self.decode(quantized), indices, vq_loss
+
+
+class VQVAE2(nn.Module):
+    """Two levels of codes (VQ-VAE-2, Razavi et al. 2019): a top map one halving coarser than the bottom one.
+
+    The top is quantized first; the top's decoder turns its codes into features at the bottom's size, which join
+    the bottom encoder's own before the bottom quantization, so the bottom codes hold what the top ones leave out.
+    The final decoder sees both levels, the top upsampled to the bottom's size.
+    forward(images) -> (reconstruction, (top indices, bottom indices), vq loss of both)."""
+
+    levels = ("top", "bottom")
+
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        self.config = config
+        hidden, dim = config.hidden_channels, config.embedding_dim
+        self.bottom_encoder = Encoder(config, out_channels=0)  # images -> hidden features at 1/s
+        self.top_encoder = Encoder(config, in_channels=hidden, downsamples=1)  # -> top latents at 1/2s
+        self.top_quantizer = make_quantizer(config)
+        self.top_decoder = Decoder(config, upsamples=1, out_channels=dim)  # top codes -> features at 1/s
+        self.bottom_projection = nn.Conv2d(hidden + dim, dim, 1)
+        self.bottom_quantizer = make_quantizer(config)
+        self.upsample_top = nn.ConvTranspose2d(dim, dim, 4, stride=2, padding=1)
+        self.decoder = Decoder(config, in_channels=2 * dim)
+
+    @property
+    def quantizers(self) -> list[VectorQuantizer]:
+        return [self.top_quantizer, self.bottom_quantizer]
+
+    def _bottom_latents(self, features: torch.Tensor, top_quantized: torch.Tensor) -> torch.Tensor:
+        return self.bottom_projection(torch.cat([features, self.top_decoder(top_quantized)], dim=1))
+
+    def _quantize_levels(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        features = self.bottom_encoder(images)
+        top = self.top_quantizer(self.top_encoder(features))
+        return [top, self.bottom_quantizer(self._bottom_latents(features, top[0]))]
+
+    def decode_levels(self, quantized: Sequence[torch.Tensor]) -> torch.Tensor:
+        top, bottom = quantized
+        return self.decoder(torch.cat([self.upsample_top(top), bottom], dim=1))
+
+    def decode_code_maps(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.decode_levels([quantizer.lookup(level) for quantizer, level in zip(self.quantizers, codes)])
+
+    def decode_codes(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.decode_code_maps(codes)
+
+    def code_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [indices for _, indices, _ in self._quantize_levels(images)]
+
+    def latent_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Each level's continuous latents before quantization (the bottom one's given the top's codes)."""
+        features = self.bottom_encoder(images)
+        top = self.top_encoder(features)
+        return [top, self._bottom_latents(features, self.top_quantizer.nearest_vectors(top))]
+
+    def code_map(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(self.code_maps(images))
+
+    @torch.no_grad()
+    def initialise_codebooks(self, batches: Sequence[torch.Tensor], kmeans_iterations: int = 0,
+                             steps: float = 1) -> None:
+        """The top codebook first, then the bottom one from latents that already see the seeded top codes."""
+        features = [self.bottom_encoder(images) for images in batches]
+        top_latents = [self.top_encoder(feature) for feature in features]
+        self.top_quantizer.initialise(torch.cat([_rows(latents) for latents in top_latents]), kmeans_iterations,
+                                      steps)
+        bottom = [self._bottom_latents(feature, self.top_quantizer.nearest_vectors(latents))
+                  for feature, latents in zip(features, top_latents)]
+        self.bottom_quantizer.initialise(torch.cat([_rows(latents) for latents in bottom]), kmeans_iterations, steps)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        (top, top_indices, top_loss), (bottom, bottom_indices, bottom_loss) = self._quantize_levels(images)
+        return self.decode_levels([top, bottom]), (top_indices, bottom_indices), top_loss + bottom_loss
+
+
+def build_vqvae(config: VQVAEConfig) -> VQVAE | VQVAE2:
+    """The model a config describes: one level of codes, or two."""
+    if config.levels not in (1, 2):
+        raise ValueError(f"levels must be 1 or 2, got {config.levels}")
+    return VQVAE(config) if config.levels == 1 else VQVAE2(config)
+
+
+def as_levels(codes: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A model's codes as a list with one map per level (a one-level VQVAE returns a bare tensor)."""
+    return [codes] if torch.is_tensor(codes) else list(codes)
 
 
 # ----------------------------------------------------------------------------- the prior over code maps
@@ -389,6 +541,7 @@ class PriorConfig:
     kernel_size: int = 3  # odd; the vertical stack sees kernel_size // 2 rows more per layer
     num_classes: int = 0  # > 0: condition on a class label
     output_channels: int = 256
+    condition_embeddings: int = 0  # > 0: also condition on a coarser code map (VQ-VAE-2's top codes) with this K
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -427,7 +580,7 @@ class GatedLayer(nn.Module):
     never seen. The vertical stack feeds the horizontal one through a 1x1 convolution: no blind spot.
     """
 
-    def __init__(self, channels: int, kernel_size: int, first: bool, num_classes: int):
+    def __init__(self, channels: int, kernel_size: int, first: bool, num_classes: int, spatial: bool = False):
         super().__init__()
         half = kernel_size // 2
         vertical_mask = torch.ones(half + 1, kernel_size)
@@ -441,82 +594,114 @@ class GatedLayer(nn.Module):
         self.vertical_to_horizontal = nn.Conv2d(2 * channels, 2 * channels, 1)
         self.horizontal_out = nn.Conv2d(channels, channels, 1)
         self.condition = nn.Embedding(num_classes, 4 * channels) if num_classes > 0 else None
+        # A location-dependent condition (features of a coarser code map, known in full) enters every gated layer
+        # through a 1x1 convolution, as the class does through its embedding.
+        self.spatial = nn.Conv2d(channels, 4 * channels, 1) if spatial else None
 
-    def _conditions(self, labels: torch.Tensor | None) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-        if self.condition is None or labels is None:
-            return 0.0, 0.0
-        vertical, horizontal = self.condition(labels)[:, :, None, None].chunk(2, dim=1)
+    def conditions(self, labels: torch.Tensor | None, spatial: torch.Tensor | None,
+                   ) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """What the class and the spatial condition add before the vertical and the horizontal gates."""
+        vertical = horizontal = 0.0
+        if self.condition is not None and labels is not None:
+            vertical, horizontal = self.condition(labels)[:, :, None, None].chunk(2, dim=1)
+        if self.spatial is not None and spatial is not None:
+            spatial_vertical, spatial_horizontal = self.spatial(spatial).chunk(2, dim=1)
+            vertical, horizontal = vertical + spatial_vertical, horizontal + spatial_horizontal
         return vertical, horizontal
 
-    def vertical_step(self, x_vertical: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def vertical_step(self, x_vertical: torch.Tensor, conditions: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (vertical output, pre-gate vertical features that feed the horizontal stack)."""
         features = self.vertical(x_vertical)[:, :, : x_vertical.shape[2]]
-        condition, _ = self._conditions(labels)
-        return _gate(features + condition), features
+        return _gate(features + conditions[0]), features
 
     def horizontal_step(self, x_horizontal: torch.Tensor, vertical_features: torch.Tensor,
-                        labels: torch.Tensor | None) -> torch.Tensor:
+                        conditions: tuple) -> torch.Tensor:
         features = self.horizontal(x_horizontal)[:, :, :, : x_horizontal.shape[3]]
-        _, condition = self._conditions(labels)
-        out = self.horizontal_out(_gate(features + self.vertical_to_horizontal(vertical_features) + condition))
+        out = self.horizontal_out(_gate(features + self.vertical_to_horizontal(vertical_features) + conditions[1]))
         return out if self.first else out + x_horizontal  # residual (the first layer's input is the current code)
 
 
 class GatedPixelCNN(nn.Module):
     """Autoregressive prior over code maps (van den Oord et al. 2016, gated PixelCNN with two stacks).
 
-    forward(codes [B, H, W] long, labels [B] long or None) -> logits [B, K, H, W]; logits at (i, j) depend only on
-    codes before (i, j) in raster order.
+    forward(codes [B, H, W] long, labels [B] long or None, condition [B, H/2, W/2] long or None) -> logits
+    [B, K, H, W]; logits at (i, j) depend only on codes before (i, j) in raster order, and on the class and the
+    condition map (a coarser level's codes, when config.condition_embeddings > 0), of which every position sees the
+    15x15 coarse codes around it (dilated convolutions), and more through the stacks.
     """
 
     def __init__(self, config: PriorConfig):
         super().__init__()
         self.config = config
         channels = config.hidden_channels
+        spatial = config.condition_embeddings > 0
         self.embedding = nn.Embedding(config.num_embeddings, channels)
-        self.layers = nn.ModuleList(GatedLayer(channels, config.kernel_size, index == 0, config.num_classes)
+        self.layers = nn.ModuleList(GatedLayer(channels, config.kernel_size, index == 0, config.num_classes, spatial)
                                     for index in range(config.num_layers))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, config.output_channels, 1), nn.ReLU(),
                                   nn.Conv2d(config.output_channels, config.num_embeddings, 1))
+        if spatial:  # the coarser map's codes (all known): embedded, mixed by dilated 3x3 convolutions, upsampled
+            self.condition_embedding = nn.Embedding(config.condition_embeddings, channels)
+            self.condition_network = nn.Sequential(*(module for dilation in CONDITION_DILATIONS for module in (
+                nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation), nn.ReLU())))
 
     def _embed(self, codes: torch.Tensor) -> torch.Tensor:
         return self.embedding(codes).permute(0, 3, 1, 2)
 
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def spatial_features(self, condition: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
+        """Features [B, C, H, W] of the condition map at the size of the modelled map."""
+        if condition is None or self.config.condition_embeddings == 0:
+            return None
+        features = self.condition_network(self.condition_embedding(condition).permute(0, 3, 1, 2))
+        return F.interpolate(features, size=shape, mode="nearest")
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
+        spatial = self.spatial_features(condition, codes.shape[-2:])
         x_vertical = x_horizontal = self._embed(codes)
         for layer in self.layers:
-            x_vertical, features = layer.vertical_step(x_vertical, labels)
-            x_horizontal = layer.horizontal_step(x_horizontal, features, labels)
+            conditions = layer.conditions(labels, spatial)
+            x_vertical, features = layer.vertical_step(x_vertical, conditions)
+            x_horizontal = layer.horizontal_step(x_horizontal, features, conditions)
         return self.head(x_horizontal)
 
-    def bits_per_code(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """-log2 p(codes | label) / (H W) of each code map [B, H, W]."""
-        return bits_per_code(self(codes, labels), codes)
+    def bits_per_code(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
+                      condition: torch.Tensor | None = None) -> torch.Tensor:
+        """-log2 p(codes | label, condition) / (H W) of each code map [B, H, W]."""
+        return bits_per_code(self(codes, labels, condition), codes)
 
-    def mixture_bits_per_code(self, codes: torch.Tensor, class_log_prior: Sequence[float]) -> torch.Tensor:
-        """-log2 sum_c p(c) p(codes | c) / (H W): the likelihood of code maps that have no label under a
-        class-conditional prior, with p(c) the classes' share of the training data (class_log_prior: natural logs,
-        as plain numbers, so that nothing is read back from the GPU)."""
-        positions = codes.shape[1] * codes.shape[2]
-        log_joint = [log_share - math.log(2) * positions * self.bits_per_code(codes, torch.full_like(codes[:, 0, 0],
-                                                                                                     label))
-                     for label, log_share in enumerate(class_log_prior)]
-        return -torch.logsumexp(torch.stack(log_joint, dim=1), dim=1) / (math.log(2) * positions)
+    # The level-generic interface, shared with HierarchicalPrior: code maps come as a list, one per level.
+    levels = ("codes",)
+
+    def level_bits(self, levels: Sequence[torch.Tensor], labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """-log2 p of each map of each level [B], in bits (not per code)."""
+        codes = levels[0]
+        return [self.bits_per_code(codes, labels) * codes[0].numel()]
+
+    def level_logits(self, levels: Sequence[torch.Tensor], labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+        return [self(levels[0], labels)]
+
+    def sample_levels(self, batch_size: int, shapes: Sequence[Sequence[int]], labels: torch.Tensor | None = None,
+                      temperature: float = 1.0, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        return [self.sample(batch_size, tuple(shapes[0]), labels, temperature, generator)]
 
     @torch.inference_mode()
     def sample(self, batch_size: int, shape: tuple[int, int], labels: torch.Tensor | None = None,
-               temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+               temperature: float = 1.0, generator: torch.Generator | None = None,
+               condition: torch.Tensor | None = None) -> torch.Tensor:
         """Code maps [B, H, W] drawn in raster order, all B at once, computing each layer's output once.
 
         Every layer keeps the rows (vertical stack) and columns (horizontal stack) it has already computed, so a
         new position costs one column of each layer, done with small matrix products: about one forward pass
-        for the whole map.
+        for the whole map. A spatial condition is known in full before the first draw, so each layer's share of
+        it is computed once and read row by row.
         """
         height, width = shape
         device = self.embedding.weight.device
         codes = torch.zeros(batch_size, height, width, dtype=torch.long, device=device)
         channels = self.config.hidden_channels
-        layers = [_SamplingLayer(layer, labels) for layer in self.layers]
+        spatial = self.spatial_features(condition, (height, width))
+        layers = [_SamplingLayer(layer, layer.conditions(labels, spatial)) for layer in self.layers]
         head = [module for module in self.head if isinstance(module, nn.Conv2d)]
         # vertical_inputs[l]: what layer l's vertical convolution reads, filled row by row
         vertical_inputs = [torch.zeros(batch_size, channels, height, width, device=device) for _ in layers]
@@ -525,8 +710,8 @@ class GatedPixelCNN(nn.Module):
             for index, layer in enumerate(layers):
                 features = layer.vertical_row(vertical_inputs[index], i)
                 if index + 1 < len(layers):
-                    vertical_inputs[index + 1][:, :, i: i + 1] = _gate(layer.add_vertical_condition(features))
-                to_horizontal.append(layer.to_horizontal(features))
+                    vertical_inputs[index + 1][:, :, i: i + 1] = _gate(layer.add_vertical_condition(features, i))
+                to_horizontal.append(layer.to_horizontal(features, i))
             # horizontal_inputs[l][j]: what layer l's horizontal stack reads at column j of row i, as [B, C]
             horizontal_inputs = torch.zeros(len(layers), width, batch_size, channels, device=device)
             for j in range(width):
@@ -542,6 +727,73 @@ class GatedPixelCNN(nn.Module):
                 horizontal_inputs[0, j] = embedded
                 vertical_inputs[0][:, :, i, j] = embedded
         return codes
+
+
+class HierarchicalPrior(nn.Module):
+    """The prior over a VQ-VAE-2's codes: the top map on its own (class-conditional when there are classes), the
+    bottom map conditioned also on the top map (a location-dependent condition inside every gated layer).
+
+    forward([top, bottom], labels) -> [top logits, bottom logits]; the level-generic methods are GatedPixelCNN's."""
+
+    levels = ("top", "bottom")
+
+    def __init__(self, top: PriorConfig, bottom: PriorConfig):
+        super().__init__()
+        self.top, self.bottom = GatedPixelCNN(top), GatedPixelCNN(bottom)
+
+    def forward(self, levels: Sequence[torch.Tensor], labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+        return self.level_logits(levels, labels)
+
+    def level_logits(self, levels: Sequence[torch.Tensor], labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+        top, bottom = levels
+        return [self.top(top, labels), self.bottom(bottom, labels, condition=top)]
+
+    def level_bits(self, levels: Sequence[torch.Tensor], labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+        return [bits_per_code(logits, codes) * codes[0].numel()
+                for logits, codes in zip(self.level_logits(levels, labels), levels)]
+
+    def sample_levels(self, batch_size: int, shapes: Sequence[Sequence[int]], labels: torch.Tensor | None = None,
+                      temperature: float = 1.0, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """Top maps first, then bottom maps conditioned on them."""
+        top = self.top.sample(batch_size, tuple(shapes[0]), labels, temperature, generator)
+        return [top, self.bottom.sample(batch_size, tuple(shapes[1]), labels, temperature, generator, condition=top)]
+
+
+def mixture_level_bits(per_class: Sequence[Sequence[torch.Tensor]], class_log_prior: Sequence[float],
+                       ) -> list[torch.Tensor]:
+    """Bits per level of maps that have no class label, under a class-conditional prior: the levels up to l have
+    the mixture likelihood sum_c p(c) p(levels <= l | c), and level l gets what it adds to the levels before it.
+
+    per_class[c][l]: bits [B] of level l under class c; class_log_prior: log p(c), natural logs, as plain numbers
+    (so that nothing is read back from the GPU)."""
+    levels = len(per_class[0])
+    cumulative = [[sum(bits[: level + 1]) for bits in per_class] for level in range(levels)]
+    mixture = [-torch.logsumexp(torch.stack([log_share - math.log(2) * bits for log_share, bits
+                                              in zip(class_log_prior, per_level)], dim=1), dim=1) / math.log(2)
+               for per_level in cumulative]
+    return [mixture[0]] + [mixture[level] - mixture[level - 1] for level in range(1, levels)]
+
+
+def build_prior(configs: Sequence[PriorConfig]) -> GatedPixelCNN | HierarchicalPrior:
+    """One prior per level: a GatedPixelCNN for one-level VQ-VAEs, a HierarchicalPrior for two."""
+    return GatedPixelCNN(configs[0]) if len(configs) == 1 else HierarchicalPrior(*configs)
+
+
+def stack_levels(levels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Code maps of several levels [N, h_l, w_l] (coarsest first, each half the next) as one tensor [N, L, h, w]
+    at the finest size, coarser maps repeated 2x2 per halving; a single level stays [N, h, w]."""
+    if len(levels) == 1:
+        return levels[0]
+    height, width = levels[-1].shape[-2:]
+    return torch.stack([level.repeat_interleave(height // level.shape[-2], dim=-2)
+                        .repeat_interleave(width // level.shape[-1], dim=-1) for level in levels], dim=1)
+
+
+def unstack_levels(stacked: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """stack_levels undone: [B, L, h, w] back to one map per level (each coarser level every 2nd row and column)."""
+    if count == 1:
+        return [stacked]
+    return [stacked[:, level, :: 2 ** (count - 1 - level), :: 2 ** (count - 1 - level)] for level in range(count)]
 
 
 def bits_per_code(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -560,22 +812,28 @@ def draw_codes(logits: torch.Tensor, temperature: float = 1.0, generator: torch.
 
 
 class _SamplingLayer:
-    """One gated layer with its masks, biases and class condition folded in, computing one row of the vertical
-    stack and then one column at a time of the horizontal stack while sampling."""
+    """One gated layer with its masks, biases and conditions folded in, computing one row of the vertical stack and
+    then one column at a time of the horizontal stack while sampling. A condition is [B, 2C, 1, 1] (a class) or
+    [B, 2C, H, W] (a coarser code map: its row i is read for row i)."""
 
-    def __init__(self, layer: GatedLayer, labels: torch.Tensor | None):
+    def __init__(self, layer: GatedLayer, conditions: tuple):
         self.half = layer.vertical.kernel_size[1] // 2
         self.vertical_weight, self.vertical_bias = layer.vertical.weight * layer.vertical.mask, layer.vertical.bias
-        condition_vertical, condition_horizontal = layer._conditions(labels)
-        self.vertical_condition = condition_vertical if torch.is_tensor(condition_vertical) else None
+        self.vertical_condition, self.horizontal_condition = (
+            condition if torch.is_tensor(condition) else None for condition in conditions)
         # The horizontal convolution's bias joins the vertical-to-horizontal one, so a column adds neither.
         self.to_horizontal_weight = layer.vertical_to_horizontal.weight
         self.to_horizontal_bias = layer.vertical_to_horizontal.bias + layer.horizontal.bias
-        self.horizontal_condition = condition_horizontal if torch.is_tensor(condition_horizontal) else None
         weight = layer.horizontal.weight * layer.horizontal.mask  # [2C, C, 1, taps]
         self.taps = [weight[:, :, 0, tap].t() for tap in range(weight.shape[-1])]
         self.out_weight, self.out_bias = layer.horizontal_out.weight[:, :, 0, 0].t(), layer.horizontal_out.bias
         self.first = layer.first
+
+    @staticmethod
+    def _row(condition: torch.Tensor | None, i: int) -> torch.Tensor | float:
+        if condition is None:
+            return 0.0
+        return condition if condition.shape[-2] == 1 else condition[:, :, i: i + 1]
 
     def vertical_row(self, inputs: torch.Tensor, i: int) -> torch.Tensor:
         """Pre-gate vertical features [B, 2C, 1, W] of row i, from inputs [B, C, H, W] filled up to row i."""
@@ -583,14 +841,13 @@ class _SamplingLayer:
         window = F.pad(inputs[:, :, max(0, i - self.half): i + 1], (0, 0, max(0, self.half - i), 0))
         return F.conv2d(window, self.vertical_weight, self.vertical_bias, padding=(0, self.half))
 
-    def add_vertical_condition(self, features: torch.Tensor) -> torch.Tensor:
-        return features if self.vertical_condition is None else features + self.vertical_condition
+    def add_vertical_condition(self, features: torch.Tensor, i: int) -> torch.Tensor:
+        return features + self._row(self.vertical_condition, i)
 
-    def to_horizontal(self, features: torch.Tensor) -> torch.Tensor:
-        """The vertical stack's contribution [W, B, 2C] to each column of the horizontal stack in this row."""
+    def to_horizontal(self, features: torch.Tensor, i: int) -> torch.Tensor:
+        """The vertical stack's contribution [W, B, 2C] to each column of the horizontal stack in row i."""
         row = F.conv2d(features, self.to_horizontal_weight, self.to_horizontal_bias)
-        if self.horizontal_condition is not None:
-            row = row + self.horizontal_condition
+        row = row + self._row(self.horizontal_condition, i)
         return row[:, :, 0].permute(2, 0, 1).contiguous()
 
     def column(self, inputs: torch.Tensor, j: int, from_vertical: torch.Tensor) -> torch.Tensor:

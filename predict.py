@@ -15,7 +15,7 @@ import torch
 
 import utils
 from dataset import BatchLoader, Preprocessing, checkpoint_data, encode_split, load_split, prior_evaluation_loaders
-from modules import GatedPixelCNN
+from modules import stack_levels
 from utils import UsageError
 
 
@@ -60,29 +60,36 @@ def main(argv: list[str] | None = None) -> dict:
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
     source = checkpoint_data(checkpoint, args.data)
     split = choose_split(source.files, args.split)
-    slices = load_split(source, split, prep, args.cache_dir, min_side=model.config.scale)
+    slices = load_split(source, split, prep, args.cache_dir, min_side=model.config.image_multiple)
     loader = BatchLoader(slices.images, slices.labels, args.batch_size, shuffle=False, device=device)
     results = utils.evaluate_vqvae(model, loader, description=split)
 
     ssim = results["ssim_per_image"]
+    use = {key: value for key, value in results.items() if key.startswith(("codebook_usage", "perplexity"))}
     metrics = {"ssim_mean": ssim.mean().item(), "ssim_min": ssim.min().item(), "ssim_max": ssim.max().item(),
-               "psnr_mean": results["psnr"], "codebook_usage": results["codebook_usage"],
-               "perplexity": results["perplexity"], "num_images": len(slices), "split": split}
+               "psnr_mean": results["psnr"], "mae_mean": results["mae"], **use, "num_images": len(slices),
+               "split": split}
+    code_use = "; ".join(f"{suffix.lstrip('_') + ' ' if suffix else ''}codebook usage "
+                         f"{metrics['codebook_usage' + suffix]:.3f} (perplexity {metrics['perplexity' + suffix]:.1f} "
+                         f"of {model.config.num_embeddings})" for suffix in utils.level_suffixes(model.levels))
     print(f"{split} split, {len(slices)} slices: SSIM mean {metrics['ssim_mean']:.4f} (min {metrics['ssim_min']:.4f},"
-          f" max {metrics['ssim_max']:.4f}) | PSNR {metrics['psnr_mean']:.2f} dB | codebook usage "
-          f"{metrics['codebook_usage']:.3f} (perplexity {metrics['perplexity']:.1f} of {model.config.num_embeddings})")
+          f" max {metrics['ssim_max']:.4f}) | PSNR {metrics['psnr_mean']:.2f} dB | MAE {metrics['mae_mean']:.4f} | "
+          f"{code_use}")
     if args.metrics_json:
         utils.write_json(args.metrics_json, metrics)
 
     figures = Path(args.resources_dir) / Path(args.model).stem
-    shown = torch.linspace(0, len(slices) - 1, min(args.examples, len(slices))).long()
-    utils.save_reconstructions(figures / f"{split}_reconstructions.png", model, slices.as_float(shown).to(device),
-                         f"{split} slices: input | code map | reconstruction")
+    shown = slices.as_float(torch.linspace(0, len(slices) - 1, min(args.examples, len(slices))).long()).to(device)
+    utils.save_reconstructions(figures / f"{split}_reconstructions.png", model, shown,
+                               f"{split} slices: input | code map{'s' if len(model.levels) > 1 else ''} | "
+                               "reconstruction")
+    if len(model.levels) > 1:
+        utils.save_level_contributions(figures / f"{split}_levels.png", model, shown, results["code_counts"],
+                                       f"{split} slices: what each level carries (the other held at its mean code)")
     utils.save_histogram(figures / f"{split}_ssim_histogram.png", ssim.numpy(),
                          f"per-slice SSIM on the {split} split (mean {metrics['ssim_mean']:.3f})", "SSIM")
-    utils.save_code_usage_figure(figures / f"{split}_code_usage.png", results["code_counts"],
-                                 f"code use on the {split} split: {metrics['codebook_usage']:.0%} of "
-                                 f"{model.config.num_embeddings} codes used")
+    utils.save_code_usage_figure(figures / f"{split}_code_usage.png", results["code_counts"], model.levels,
+                                 f"code use on the {split} split ({model.config.num_embeddings} codes per level)")
     print(f"figures in {figures}/")
     return metrics
 
@@ -113,21 +120,25 @@ def nearest_slices(samples: torch.Tensor, slices) -> torch.Tensor:
     return slices.as_float(nearest)
 
 
-def generate(args: argparse.Namespace, prior: GatedPixelCNN, checkpoint: dict, vqvae, device: torch.device,
-             ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(codes, decoded slices, seconds the sampling took)."""
+def generate(args: argparse.Namespace, prior, checkpoint: dict, vqvae, device: torch.device,
+             ) -> tuple[list[torch.Tensor], torch.Tensor, float]:
+    """(code maps per level, decoded slices, seconds the sampling took)."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
     labels = sample_labels(args, checkpoint, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    codes = prior.sample(args.sample, tuple(checkpoint["code_shape"]), labels, args.temperature, generator)
+    codes = prior.sample_levels(args.sample, code_shapes(checkpoint), labels, args.temperature, generator)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     with torch.inference_mode():
-        images = vqvae.decode_codes(codes).float().clamp(0, 1)
+        images = vqvae.decode_code_maps(codes).float().clamp(0, 1)
     return codes, images, seconds
+
+
+def code_shapes(checkpoint: dict) -> list[list[int]]:
+    return checkpoint.get("code_shapes") or [checkpoint["code_shape"]]  # older checkpoints: one level
 
 
 def predict_prior(args: argparse.Namespace, device: torch.device, checkpoint: dict) -> dict:
@@ -135,31 +146,37 @@ def predict_prior(args: argparse.Namespace, device: torch.device, checkpoint: di
     prep = Preprocessing.from_dict(vqvae_checkpoint["preprocessing"])
     source = checkpoint_data(vqvae_checkpoint, args.data)
     split = choose_split(source.files, args.split)
-    slices = load_split(source, split, prep, args.cache_dir, min_side=vqvae.config.scale)
-    codes = encode_split(vqvae, slices, device, args.cache_dir)
+    slices = load_split(source, split, prep, args.cache_dir, min_side=vqvae.config.image_multiple)
+    codes = stack_levels(encode_split(vqvae, slices, device, args.cache_dir))
     conditional = checkpoint["conditional"]
     loader, unlabelled = prior_evaluation_loaders(codes, slices.labels, args.batch_size, device, conditional)
     if unlabelled is not None:
         print(f"{len(unlabelled.data)} {split} slices have no class folder: their NLL is the class-mixture likelihood")
     counts = checkpoint.get("class_counts") or [1] * len(checkpoint["class_names"])  # older checkpoints: uniform
     nll = utils.evaluate_prior(prior, loader, utils.class_log_prior(counts) if conditional else None, unlabelled)
-    uniform = math.log2(prior.config.num_embeddings)
-    metrics = {"nll_bits_per_code": nll, "uniform_bits_per_code": uniform, "num_images": len(slices), "split": split}
-    print(f"{split} split, {len(slices)} code maps: NLL {nll:.3f} bits per code ({nll / uniform:.0%} of the "
-          f"{uniform:.2f} bits of uniform guessing)")
+    uniform = math.log2(vqvae.config.num_embeddings)
+    metrics = {f"nll_{key}": value for key, value in nll.items()}
+    metrics.update({"uniform_bits_per_code": uniform, "num_images": len(slices), "split": split})
+    per_level = "".join(f"; {level} {nll[f'bits_per_code_{level}']:.3f}" for level in prior.levels
+                        if f"bits_per_code_{level}" in nll)
+    print(f"{split} split, {len(slices)} code maps: NLL {nll['bits_per_code']:.3f} bits per code "
+          f"({nll['bits_per_code'] / uniform:.0%} of the {uniform:.2f} bits of uniform guessing{per_level}), "
+          f"{nll['bits_per_image']:.0f} bits per image")
     figures = Path(args.resources_dir) / Path(args.model).stem
     if args.sample > 0:
         sampled_codes, images, seconds = generate(args, prior, checkpoint, vqvae, device)
         metrics["sample_seconds"] = seconds
-        print(f"sampled {args.sample} code maps of {tuple(checkpoint['code_shape'])} in {seconds:.2f}s on {device}")
-        train_slices = load_split(source, "train", prep, args.cache_dir, min_side=vqvae.config.scale)
+        shapes = " and ".join(f"{height}x{width}" for height, width in code_shapes(checkpoint))
+        print(f"sampled {args.sample} code maps of {shapes} in {seconds:.2f}s on {device}")
+        train_slices = load_split(source, "train", prep, args.cache_dir, min_side=vqvae.config.image_multiple)
         utils.save_image_grid(figures / "samples.png", images, title=f"{args.sample} generated slices "
                               f"(temperature {args.temperature:g}, seed {args.seed})")
         shown = slice(0, min(8, args.sample))
+        maps = utils.code_columns(vqvae, [level[shown] for level in sampled_codes])
         utils.save_image_rows(figures / "samples_with_nearest.png",
-                              {"generated": images[shown], "code map": sampled_codes[shown],
+                              {"generated": images[shown], **maps,
                                "nearest training slice": nearest_slices(images[shown], train_slices)},
-                              code_columns=("code map",), num_codes=prior.config.num_embeddings)
+                              code_colours=utils.model_code_colours(vqvae, list(maps)))
         print(f"figures in {figures}/")
     if args.metrics_json:
         utils.write_json(args.metrics_json, metrics)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import utils
 from dataset import BatchLoader, DataSource, Preprocessing, SliceSet, find_data, load_split, make_demo_data, \
     native_image_size
-from modules import VQVAE, VQVAEConfig, count_codes
+from modules import VQVAE, VQVAE2, VQVAEConfig, build_vqvae
 from utils import UsageError, progress_bar
 
 DEFAULT_DEMO_DIR = "data/demo"
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "codes); 0 = search in D")
     model.add_argument("--estimator", choices=("straight_through", "rotation"), default=defaults.estimator,
                        help="how gradients pass the quantizer: copied straight through, or by the rotation trick")
+    model.add_argument("--levels", type=int, choices=(1, 2), default=defaults.levels,
+                       help="2: VQ-VAE-2, a top code map one halving above the bottom one (at --downsamples); "
+                       "each level has its own codebook of --num-embeddings codes")
     utils.add_run_arguments(parser, epochs=10, batch_size=16, lr=1e-3)
     parser.add_argument("--ssim-weight", type=float, default=0.2, help="weight of (1 - SSIM) added to the MSE")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
@@ -91,13 +94,13 @@ def build_config(args: argparse.Namespace) -> VQVAEConfig:
                        embedding_dim=args.embedding_dim, beta=args.beta, quantizer=args.quantizer,
                        ema_decay=args.ema_decay, dead_code_threshold=args.dead_code_threshold,
                        normalization=args.normalization, code_distance=args.code_distance,
-                       lookup_dim=args.lookup_dim, estimator=args.estimator)
+                       lookup_dim=args.lookup_dim, estimator=args.estimator, levels=args.levels)
 
 
-def check_image_size(size: tuple[int, int], scale: int) -> None:
-    if any(side % scale or side < max(scale, 8) for side in size):
-        raise UsageError(f"--image-size {size[0]} {size[1]}: each side must be a multiple of {scale} "
-                         f"(2**downsamples) and at least {max(scale, 8)}")
+def check_image_size(size: tuple[int, int], multiple: int) -> None:
+    if any(side % multiple or side < max(multiple, 8) for side in size):
+        raise UsageError(f"--image-size {size[0]} {size[1]}: each side must be a multiple of {multiple} "
+                         f"(the coarsest code's size: 2**(downsamples + levels - 1)) and at least {max(multiple, 8)}")
 
 
 @dataclass
@@ -108,7 +111,7 @@ class TrainingData:
     validate: SliceSet
 
 
-def prepare_data(args: argparse.Namespace, scale: int, log: Callable[[str], None] = print) -> TrainingData:
+def prepare_data(args: argparse.Namespace, multiple: int, log: Callable[[str], None] = print) -> TrainingData:
     """Find, decode and cache both splits. Under torchrun every process calls this before the process group
     starts: one process per cache decodes while the others wait on its file lock, so no collective times out."""
     if args.data is None:
@@ -122,17 +125,17 @@ def prepare_data(args: argparse.Namespace, scale: int, log: Callable[[str], None
     for note in source.notes:
         log(note)
     if args.image_size is None:
-        image_size = native_image_size(source.files["train"], scale, args.slice_axis)
+        image_size = native_image_size(source.files["train"], multiple, args.slice_axis)
         log(f"image size {image_size[0]}x{image_size[1]} (the most common slice shape, padded to a multiple of "
-            f"{scale}); set --image-size to change it")
+            f"{multiple}); set --image-size to change it")
     else:
         image_size = tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size)
         if len(image_size) != 2:
             raise UsageError("--image-size takes one number (square) or two (H W)")
-    check_image_size(image_size, scale)
+    check_image_size(image_size, multiple)
     prep = Preprocessing(image_size=image_size, channels=args.channels, resize=args.resize,
                          slice_axis=args.slice_axis)
-    splits = [load_split(source, split, prep, args.cache_dir, min_side=scale, log=log)
+    splits = [load_split(source, split, prep, args.cache_dir, min_side=multiple, log=log)
               for split in ("train", "validate")]
     log(f"train: {len(splits[0])} slices, validation: {len(splits[1])} slices, {image_size[0]}x{image_size[1]}")
     processes = utils.launched_world_size()
@@ -150,30 +153,30 @@ class EpochTotals:
     and what metrics() reads. `items` is the position reached in the epoch's order, over all processes."""
 
     losses: torch.Tensor  # summed per-batch reconstruction loss, summed per-batch vq loss
-    code_counts: torch.Tensor
+    code_counts: torch.Tensor  # [levels, K]
     batches: int = 0
     items: int = 0
 
     @classmethod
-    def zeros(cls, num_codes: int, device: torch.device, items: int = 0) -> "EpochTotals":
-        return cls(torch.zeros(2, device=device), torch.zeros(num_codes, device=device), 0, items)
+    def zeros(cls, levels: int, num_codes: int, device: torch.device, items: int = 0) -> "EpochTotals":
+        return cls(torch.zeros(2, device=device), torch.zeros(levels, num_codes, device=device), 0, items)
 
-    def add(self, recon_loss: torch.Tensor, vq_loss: torch.Tensor, indices: torch.Tensor, items: int) -> None:
+    def add(self, recon_loss: torch.Tensor, vq_loss: torch.Tensor, codes, items: int) -> None:
         self.losses += torch.stack([recon_loss.detach(), vq_loss.detach().float()])
-        self.code_counts += count_codes(indices, len(self.code_counts))
+        self.code_counts += utils.level_code_counts(codes, self.code_counts.shape[1])
         self.batches += 1
         self.items += items
 
     def synced(self) -> "EpochTotals":
         """The sums over all processes (one all-reduce; every process must call it)."""
-        packed = torch.cat([self.losses, self.losses.new_tensor([float(self.batches)]), self.code_counts])
+        packed = torch.cat([self.losses, self.losses.new_tensor([float(self.batches)]), self.code_counts.flatten()])
         packed = utils.all_reduce_sum(packed)
-        return EpochTotals(packed[:2], packed[3:], int(packed[2].item()), self.items)
+        return EpochTotals(packed[:2], packed[3:].view_as(self.code_counts), int(packed[2].item()), self.items)
 
-    def metrics(self) -> dict:
+    def metrics(self, levels: tuple[str, ...]) -> dict:
         recon, vq = (self.losses / max(1, self.batches)).tolist()
-        return {"train_recon_loss": recon, "train_vq_loss": vq, "train_perplexity": utils.perplexity(self.code_counts),
-                "train_codebook_usage": utils.codebook_usage(self.code_counts)}
+        use = utils.code_use(self.code_counts, levels)
+        return {"train_recon_loss": recon, "train_vq_loss": vq, **{f"train_{key}": value for key, value in use.items()}}
 
     def to_dict(self) -> dict:
         return {"losses": self.losses.cpu(), "code_counts": self.code_counts.cpu(), "batches": self.batches,
@@ -184,9 +187,10 @@ class EpochTotals:
         """Saved (summed) totals: one process takes the sums, the others start from zero, so that the sum over
         processes is again the saved one. Older checkpoints, of one process, counted its batches, not items."""
         items = values.get("items", values["batches"] * batch_size)
+        code_counts = values["code_counts"].view(-1, values["code_counts"].shape[-1])  # older ones: one level, [K]
         if not keep_sums:
-            return cls.zeros(len(values["code_counts"]), device, items)
-        return cls(values["losses"].to(device), values["code_counts"].to(device), values["batches"], items)
+            return cls.zeros(*code_counts.shape, device, items)
+        return cls(values["losses"].to(device), code_counts.to(device), values["batches"], items)
 
 
 def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, ssim_weight: float) -> torch.Tensor:
@@ -210,13 +214,13 @@ def train(epoch: int, loader: BatchLoader, model: torch.nn.Module, optimizer: to
         for group in optimizer.param_groups:
             group["lr"] = clock.learning_rate()
         with utils.autocast(device, precision):
-            reconstruction, indices, vq_loss = model(images)
+            reconstruction, codes, vq_loss = model(images)
         recon_loss = reconstruction_loss(reconstruction, images, args.ssim_weight)
         optimizer.zero_grad(set_to_none=True)
         (recon_loss + vq_loss).backward()
         optimizer.step()
         clock.step += 1
-        totals.add(recon_loss, vq_loss, indices, loader.items_per_step)
+        totals.add(recon_loss, vq_loss, codes, loader.items_per_step)
         if progress.disable is False and totals.batches % 25 == 0:  # reading the loss syncs: only for a visible bar
             recon, vq = (totals.losses / totals.batches).tolist()
             progress.set_postfix(recon=f"{recon:.4f}", vq=f"{vq:.4f}")
@@ -229,33 +233,36 @@ def train(epoch: int, loader: BatchLoader, model: torch.nn.Module, optimizer: to
 
 
 @torch.no_grad()
-def initialise_codebook(model: VQVAE, loader: BatchLoader, kmeans: bool, kmeans_batches: int = 8,
+def initialise_codebook(model: VQVAE | VQVAE2, loader: BatchLoader, kmeans: bool, kmeans_batches: int = 8,
                         processes: int = 1) -> None:
-    """Seed the codebook from encoder outputs before the first step: a random draw from the first batch, or
+    """Seed the codebooks from encoder outputs before the first step: a random draw from the first batch, or
     k-means over the first kmeans_batches batches (of this process's share, 1/processes of each step)."""
     model.eval()
-    latents = []
+    batches = []
     for images, _ in loader:
-        latents.append(model.encode(images).permute(0, 2, 3, 1).reshape(-1, model.config.embedding_dim))
-        if len(latents) == (kmeans_batches if kmeans else 1):
+        batches.append(images)
+        if len(batches) == (kmeans_batches if kmeans else 1):
             break
-    model.quantizer.initialise(torch.cat(latents), kmeans_iterations=10 if kmeans else 0,
-                               steps=len(latents) / processes)
+    model.initialise_codebooks(batches, kmeans_iterations=10 if kmeans else 0, steps=len(batches) / processes)
 
 
-def save_curves(path: Path, rows: list[dict]) -> None:
+def save_curves(path: Path, rows: list[dict], levels: tuple[str, ...]) -> None:
+    suffixes = utils.level_suffixes(levels)
     utils.save_training_curves(path, rows, {
         "loss": ("train_recon_loss", "train_vq_loss", "val_loss"),
         "validation SSIM": ("val_ssim",),
-        "codebook perplexity": ("train_perplexity", "val_perplexity"),
-        "codebook usage": ("train_codebook_usage", "val_codebook_usage"),
+        "validation MAE": ("val_mae",),
+        "codebook perplexity": [f"{split}_perplexity{suffix}" for suffix in suffixes for split in ("train", "val")],
+        "codebook usage": [f"{split}_codebook_usage{suffix}" for suffix in suffixes for split in ("train", "val")],
     })
 
 
-def format_epoch(epoch: int, row: dict) -> str:
+def format_epoch(epoch: int, row: dict, levels: tuple[str, ...]) -> str:
+    use = " ".join(f"{suffix.lstrip('_') + ' ' if suffix else ''}perplexity {row[f'val_perplexity{suffix}']:.1f} "
+                   f"usage {row[f'val_codebook_usage{suffix}']:.3f}" for suffix in utils.level_suffixes(levels))
     return (f"epoch {epoch:3d} | train recon {row['train_recon_loss']:.5f} vq {row['train_vq_loss']:.5f} | "
-            f"val loss {row['val_loss']:.5f} ssim {row['val_ssim']:.4f} psnr {row['val_psnr']:.2f} | "
-            f"perplexity {row['val_perplexity']:.1f} usage {row['val_codebook_usage']:.3f} | {row['seconds']:.0f}s")
+            f"val loss {row['val_loss']:.5f} ssim {row['val_ssim']:.4f} psnr {row['val_psnr']:.2f} "
+            f"mae {row['val_mae']:.4f} | {use} | {row['seconds']:.0f}s")
 
 
 RESUME_OVERRIDES = ("epochs", "time_limit", "max_steps", "checkpoint_every", "data", "cache_dir")
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = utils.training_device(args.device)
     config = VQVAEConfig.from_dict(resumed["config"]) if resumed else build_config(args)
     say = print if utils.launched_rank() == 0 else silent
-    data = prepare_data(args, config.scale, say)
+    data = prepare_data(args, config.image_multiple, say)
     utils.init_distributed(device)
     try:
         return train_vqvae(args, config, data, device, resumed, say)
@@ -321,7 +328,7 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
     last_path = Path(args.checkpoint_dir) / f"{run_name}-last.pth"
     figures_dir = Path(args.resources_dir) / run_name
 
-    model = VQVAE(config).to(device, memory_format=torch.channels_last)  # faster convolutions, CPU and GPU
+    model = build_vqvae(config).to(device, memory_format=torch.channels_last)  # faster convolutions, CPU and GPU
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     shards = {"rank": rank, "world_size": world}
     train_loader = BatchLoader(data.train.images, data.train.labels, args.batch_size, shuffle=True, device=device,
@@ -343,9 +350,10 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
     step_model = utils.wrap_distributed(model, device)  # every process starts from the first one's model
     if args.compile:
         step_model = torch.compile(step_model)
-    say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, codes "
-        f"{prep.image_size[0] // config.scale}x{prep.image_size[1] // config.scale} from K={config.num_embeddings}"
-        f", device {device} x {world} ({precision}); run {run_name}")
+    code_sizes = " and ".join(f"{prep.image_size[0] // size}x{prep.image_size[1] // size}"
+                              for size in reversed([config.scale * 2**level for level in range(config.levels)]))
+    say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, codes {code_sizes} from "
+        f"K={config.num_embeddings}, device {device} x {world} ({precision}); run {run_name}")
 
     clock = utils.TrainingClock(args, args.epochs * len(train_loader), training["step"], training["elapsed"], device)
     rows = [row for row in read_rows(figures_dir / "metrics.csv") if int(row["step"]) <= clock.step] if resumed else []
@@ -371,24 +379,24 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
             save(last_path, epoch, summed, {})
 
     epoch = training["epoch"]
-    num_codes = config.num_embeddings
+    sizes = (config.levels, config.num_embeddings)
     totals = EpochTotals.from_dict(training["epoch_totals"], device, is_main, args.batch_size) \
-        if resumed else EpochTotals.zeros(num_codes, device)
+        if resumed else EpochTotals.zeros(*sizes, device)
     # An epoch whose last step was saved midway is still evaluated; one saved at its end is done.
     if training.get("epoch_done", train_loader.batches_left(totals.items) == 0):
-        epoch, totals = epoch + 1, EpochTotals.zeros(num_codes, device)
+        epoch, totals = epoch + 1, EpochTotals.zeros(*sizes, device)
     while epoch <= args.epochs and not clock.out_of_steps:
         totals = train(epoch, train_loader, step_model, optimizer, clock, args, totals, precision,
                        on_checkpoint=lambda t, e=epoch: save_midway(t, e))
         val = utils.evaluate_vqvae(model, val_loader, ssim_weight=args.ssim_weight, precision=precision)
         summed = totals.synced()
-        row = {"epoch": epoch, "step": clock.step, **summed.metrics(),
-               **{f"val_{k}": val[k] for k in ("loss", "ssim", "psnr", "perplexity", "codebook_usage")},
+        row = {"epoch": epoch, "step": clock.step, **summed.metrics(model.levels),
+               **{f"val_{key}": value for key, value in val.items() if key not in ("ssim_per_image", "code_counts")},
                "lr": clock.learning_rate(), "seconds": clock.elapsed}
         if is_main:
             rows.append(row)
             utils.write_csv_rows(figures_dir / "metrics.csv", rows)
-            tqdm.write(format_epoch(epoch, row))
+            tqdm.write(format_epoch(epoch, row, model.levels))
             if row["val_ssim"] > best_ssim:
                 best_ssim = row["val_ssim"]
                 save(best_path, epoch, summed, row)
@@ -399,10 +407,12 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
             say(f"stopping during epoch {epoch}: " + (f"time limit of {args.time_limit:g}s reached"
                                                       if clock.out_of_time else f"{clock.step} steps done"))
             break
-        epoch, totals = epoch + 1, EpochTotals.zeros(num_codes, device)
+        epoch, totals = epoch + 1, EpochTotals.zeros(*sizes, device)
     best = max(rows, key=lambda r: float(r["val_ssim"])) if rows else {}
     if is_main and rows:
-        save_curves(figures_dir / "curves.png", rows)
+        save_curves(figures_dir / "curves.png", rows, model.levels)
+        frames = [figures_dir / f"reconstructions_epoch_{int(row['epoch']):03d}.png" for row in rows]
+        utils.save_gif(figures_dir / "reconstructions.gif", [frame for frame in frames if frame.exists()])
         say(f"best validation SSIM {float(best['val_ssim']):.4f} (epoch {best['epoch']}); checkpoint {best_path}; "
             f"figures in {figures_dir}/\nnext: python predict.py -m {best_path}")
     return {"checkpoint": str(best_path), "last_checkpoint": str(last_path), "best": best,

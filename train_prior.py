@@ -1,4 +1,5 @@
-"""Train a PixelCNN prior over the code maps of a trained VQ-VAE.
+"""Train a PixelCNN prior over the code maps of a trained VQ-VAE (for a two-level VQ-VAE-2: a prior over the top
+codes and one over the bottom codes conditioned on the top ones).
 
     python train_prior.py -m checkpoints/<vqvae>.pth
     torchrun --nproc_per_node=4 train_prior.py -m checkpoints/<vqvae>.pth     # one process per GPU
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 import utils
 from dataset import DataSource, Preprocessing, SliceSet, checkpoint_data, code_loader, encode_split, load_split, \
     prior_evaluation_loaders
-from modules import GatedPixelCNN, PriorConfig, bits_per_code, weights_fingerprint
+from modules import PriorConfig, bits_per_code, build_prior, stack_levels, unstack_levels, weights_fingerprint
 from utils import UsageError, progress_bar
 
 
@@ -44,11 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclass
 class CodeData:
-    """The code maps of both splits, with what the prior's checkpoint records about them."""
+    """The code maps of both splits (levels stacked: stack_levels), with what the prior's checkpoint records."""
 
     source: DataSource
     splits: dict[str, SliceSet]
     codes: dict[str, torch.Tensor]
+    code_shapes: list[list[int]]  # per level, coarsest first
     num_embeddings: int
     vqvae_fingerprint: str
     conditional: bool
@@ -65,9 +67,10 @@ def prepare_codes(args: argparse.Namespace, device: torch.device, log: Callable[
     vqvae, checkpoint = utils.load_vqvae(args.model, device)
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
     source = checkpoint_data(checkpoint, args.data, log)  # the VQ-VAE's own splits
-    splits = {split: load_split(source, split, prep, args.cache_dir, min_side=vqvae.config.scale, log=log)
+    splits = {split: load_split(source, split, prep, args.cache_dir, min_side=vqvae.config.image_multiple, log=log)
               for split in ("train", "validate")}
-    codes = {split: encode_split(vqvae, slices, device, args.cache_dir) for split, slices in splits.items()}
+    levels = {split: encode_split(vqvae, slices, device, args.cache_dir, log=log) for split, slices in splits.items()}
+    codes = {split: stack_levels(maps) for split, maps in levels.items()}
     processes = utils.launched_world_size()
     if len(codes["train"]) < processes:
         raise UsageError(f"the training split has {len(codes['train'])} slices, fewer than the {processes} processes "
@@ -76,22 +79,29 @@ def prepare_codes(args: argparse.Namespace, device: torch.device, log: Callable[
     conditional = not args.unconditional and bool(source.class_names) and labelled
     if source.class_names and not labelled and not args.unconditional:
         log("some training slices are not in a class folder: training an unconditional prior")
-    return CodeData(source, splits, codes, vqvae.config.num_embeddings, weights_fingerprint(vqvae), conditional)
+    shapes = [list(level.shape[1:]) for level in levels["train"]]
+    return CodeData(source, splits, codes, shapes, vqvae.config.num_embeddings, weights_fingerprint(vqvae), conditional)
+
+
+def prior_loss(model: torch.nn.Module, maps: list[torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
+    """Mean NLL in bits per code over every code of every level (through the model's forward: DDP needs it)."""
+    outputs = model(maps, labels) if len(maps) > 1 else [model(maps[0], labels)]
+    bits = [bits_per_code(logits, codes) * codes[0].numel() for logits, codes in zip(outputs, maps)]
+    return sum(bits).mean() / sum(codes[0].numel() for codes in maps)
 
 
 def train_epoch(epoch: int, loader, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                clock: utils.TrainingClock, conditional: bool, precision: str = "fp32") -> float:
+                clock: utils.TrainingClock, conditional: bool, levels: int, precision: str = "fp32") -> float:
     """One epoch (or until the clock stops it); the mean training NLL in bits per code over all processes."""
     model.train()
     loader.set_epoch(epoch)
     total, steps = torch.zeros((), device=loader.device), 0
     progress = progress_bar(loader, desc=f"prior epoch {epoch}", unit="batch")
-    for codes, labels in progress:
+    for stacked, labels in progress:
         for group in optimizer.param_groups:
             group["lr"] = clock.learning_rate()
         with utils.autocast(loader.device, precision):
-            logits = model(codes, labels if conditional else None)
-        loss = bits_per_code(logits, codes).mean()
+            loss = prior_loss(model, unstack_levels(stacked, levels), labels if conditional else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -130,7 +140,9 @@ def train_prior(args: argparse.Namespace, data: CodeData, device: torch.device, 
     config = PriorConfig(num_embeddings=data.num_embeddings, hidden_channels=args.hidden_channels,
                          num_layers=args.layers, kernel_size=args.kernel_size,
                          num_classes=len(data.source.class_names) if data.conditional else 0)
-    prior = GatedPixelCNN(config).to(device)
+    # One prior per level: the top one as a one-level prior, the bottom one also conditioned on the top codes.
+    configs = [config] + [replace(config, condition_embeddings=data.num_embeddings)] * (len(data.code_shapes) - 1)
+    prior = build_prior(configs).to(device)
     optimizer = torch.optim.Adam(prior.parameters(), lr=args.lr)
     step_prior = utils.wrap_distributed(prior, device)  # every process starts from the first one's weights
     if args.compile:
@@ -148,39 +160,47 @@ def train_prior(args: argparse.Namespace, data: CodeData, device: torch.device, 
     run_name = args.run_name or f"{Path(args.model).stem}-prior"
     checkpoint_path = Path(args.checkpoint_dir) / f"{run_name}.pth"
     figures_dir = Path(args.resources_dir) / run_name
-    code_shape = list(data.codes["train"].shape[1:])
     uniform = math.log2(config.num_embeddings)
-    say(f"prior: {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters over {tuple(code_shape)} code "
-        f"maps, {'conditioned on ' + str(config.num_classes) + ' classes' if data.conditional else 'unconditional'}, "
+    shapes = " and ".join(f"{height}x{width}" for height, width in data.code_shapes)
+    say(f"prior: {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters over {shapes} code maps "
+        f"({', '.join(prior.levels)}), "
+        f"{'conditioned on ' + str(config.num_classes) + ' classes' if data.conditional else 'unconditional'}, "
         f"{device} x {world} ({precision}); uniform guessing costs {uniform:.2f} bits per code")
     clock = utils.TrainingClock(args, args.epochs * len(train_loader), device=device)
     rows: list[dict] = []
     best = {"val_bits_per_code": math.inf}
     for epoch in range(1, args.epochs + 1):
-        train_bits = train_epoch(epoch, train_loader, step_prior, optimizer, clock, data.conditional, precision)
-        val_bits = utils.evaluate_prior(prior, val_loader, log_prior, unlabelled, precision)
-        row = {"epoch": epoch, "train_bits_per_code": train_bits, "val_bits_per_code": val_bits,
-               "seconds": clock.elapsed}
+        train_bits = train_epoch(epoch, train_loader, step_prior, optimizer, clock, data.conditional,
+                                 len(prior.levels), precision)
+        validation = utils.evaluate_prior(prior, val_loader, log_prior, unlabelled, precision)
+        val_bits = validation["bits_per_code"]
+        row = {"epoch": epoch, "train_bits_per_code": train_bits,
+               **{f"val_{key}": value for key, value in validation.items()}, "seconds": clock.elapsed}
         rows.append(row)
         if rank == 0:
             utils.write_csv_rows(figures_dir / "metrics.csv", rows)
+            per_level = "".join(f", {level} {validation[f'bits_per_code_{level}']:.3f}" for level in prior.levels
+                                if f"bits_per_code_{level}" in validation)
             tqdm.write(f"prior epoch {epoch:3d} | train {train_bits:.3f} bits/code | validation {val_bits:.3f} "
-                       f"bits/code ({val_bits / uniform:.0%} of uniform) | {row['seconds']:.0f}s")
+                       f"bits/code ({val_bits / uniform:.0%} of uniform{per_level}), "
+                       f"{validation['bits_per_image']:.0f} bits per image | {row['seconds']:.0f}s")
         if val_bits < best["val_bits_per_code"]:
             best = row
             if rank == 0:
                 utils.save_checkpoint(checkpoint_path, {
-                    "kind": "prior", "config": config.to_dict(), "model": prior.state_dict(),
-                    "optimizer": optimizer.state_dict(), "epoch": epoch, "metrics": row,
-                    "conditional": data.conditional, "class_names": data.source.class_names,
-                    "class_counts": data.class_counts, "code_shape": code_shape,
-                    "vqvae": {"path": args.model, "fingerprint": data.vqvae_fingerprint}, "args": vars(args)})
+                    "kind": "prior", "model": prior.state_dict(), "optimizer": optimizer.state_dict(),
+                    "config": config.to_dict() if len(configs) == 1 else {"levels": [c.to_dict() for c in configs]},
+                    "epoch": epoch, "metrics": row, "conditional": data.conditional,
+                    "class_names": data.source.class_names, "class_counts": data.class_counts,
+                    "code_shapes": data.code_shapes, "args": vars(args),
+                    "vqvae": {"path": args.model, "fingerprint": data.vqvae_fingerprint}})
         if clock.should_stop():
             say(f"stopping during epoch {epoch}: time or step limit reached")
             break
     if rank == 0:
-        utils.save_training_curves(figures_dir / "curves.png", rows,
-                                   {"prior NLL (bits per code)": ("train_bits_per_code", "val_bits_per_code")})
+        levels = [f"val_bits_per_code_{level}" for level in prior.levels if f"val_bits_per_code_{level}" in rows[0]]
+        utils.save_training_curves(figures_dir / "curves.png", rows, {
+            "prior NLL (bits per code)": ("train_bits_per_code", "val_bits_per_code", *levels)})
     say(f"best validation NLL {best['val_bits_per_code']:.3f} bits per code (epoch {best['epoch']}); "
         f"checkpoint {checkpoint_path}\nnext: python predict.py -m {checkpoint_path} --sample 16")
     return {"checkpoint": str(checkpoint_path), "best": best, "figures": str(figures_dir)}

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modules import VQVAE, GatedPixelCNN, PriorConfig, VQVAEConfig, count_codes, weights_fingerprint
+from modules import VQVAE, VQVAE2, GatedPixelCNN, HierarchicalPrior, PriorConfig, VQVAEConfig, as_levels, \
+    build_prior, build_vqvae, count_codes, mixture_level_bits, unstack_levels, weights_fingerprint
 
 
 class UsageError(Exception):
@@ -305,6 +306,11 @@ def psnr_per_image(images: torch.Tensor, references: torch.Tensor, data_range: f
     return 10 * torch.log10(data_range**2 / mse)
 
 
+def mae_per_image(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error of each image in a batch (in the [0, 1] intensity scale)."""
+    return (images.float() - references.float()).abs().mean(dim=(1, 2, 3))
+
+
 def codebook_usage(code_counts: torch.Tensor) -> float:
     """Fraction of the codebook used at least once in the counted codes."""
     return (code_counts > 0).float().mean().item()
@@ -321,34 +327,54 @@ def perplexity(code_counts: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate_vqvae(model: VQVAE, loader, description: str = "validate", ssim_weight: float = 0.0,
+def evaluate_vqvae(model: VQVAE | VQVAE2, loader, description: str = "validate", ssim_weight: float = 0.0,
                    precision: str = "fp32") -> dict:
-    """Loss (the training objective), SSIM, PSNR and code use over a whole split, summed over all processes.
+    """Loss (the training objective), SSIM, PSNR, MAE and code use of each level over a whole split, summed over
+    all processes (see code_use for the keys of code use).
 
     Nothing is read back to the host until the end (a process whose share of the split is empty adds zeros)."""
     model.eval()
     device = loader.device
-    sums = torch.zeros(3, device=device)  # loss, ssim, psnr
+    sums = torch.zeros(4, device=device)  # loss, ssim, psnr, mae
     count, ssims = 0, []
-    code_counts = torch.zeros(model.config.num_embeddings, device=device)
+    code_counts = torch.zeros(len(model.levels), model.config.num_embeddings, device=device)
     for images, _ in progress_bar(loader, desc=description, unit="batch"):
         with autocast(device, precision):
-            reconstruction, indices, vq_loss = model(images)
+            reconstruction, codes, vq_loss = model(images)
         reconstruction = reconstruction.float().clamp(0, 1)
         ssim = ssim_per_image(reconstruction, images)
         loss = F.mse_loss(reconstruction, images, reduction="none").mean(dim=(1, 2, 3)) + ssim_weight * (1 - ssim)
-        sums += torch.stack([(loss + vq_loss).sum(), ssim.sum(), psnr_per_image(reconstruction, images).sum()])
+        sums += torch.stack([(loss + vq_loss).sum(), ssim.sum(), psnr_per_image(reconstruction, images).sum(),
+                             mae_per_image(reconstruction, images).sum()])
         count += len(images)
         ssims.append(ssim)
-        code_counts += count_codes(indices, model.config.num_embeddings)
-    totals = all_reduce_sum(torch.cat([sums, torch.tensor([float(count)], device=device), code_counts]))
-    loss, ssim_sum, psnr, total = totals[:4].tolist()
-    code_counts = totals[4:]
+        code_counts += level_code_counts(codes, model.config.num_embeddings)
+    totals = all_reduce_sum(torch.cat([sums, torch.tensor([float(count)], device=device), code_counts.flatten()]))
+    loss, ssim_sum, psnr, mae, total = totals[:5].tolist()
+    code_counts = totals[5:].view_as(code_counts)
     total = max(total, 1.0)
-    return {"loss": loss / total, "ssim": ssim_sum / total, "psnr": psnr / total,
+    return {"loss": loss / total, "ssim": ssim_sum / total, "psnr": psnr / total, "mae": mae / total,
             "ssim_per_image": torch.cat(ssims).cpu() if ssims else torch.zeros(0),
-            "perplexity": perplexity(code_counts), "codebook_usage": codebook_usage(code_counts),
-            "code_counts": code_counts.cpu()}
+            **code_use(code_counts, model.levels), "code_counts": code_counts.cpu()}
+
+
+def level_code_counts(codes: torch.Tensor | Sequence[torch.Tensor], num_codes: int) -> torch.Tensor:
+    """How often each code occurs, per level [L, K], from a model's codes (one map or one per level)."""
+    return torch.stack([count_codes(level, num_codes) for level in as_levels(codes)])
+
+
+def level_suffixes(levels: Sequence[str]) -> list[str]:
+    """Metric-name suffixes per level: none for one level (names as they always were), _top and _bottom for two."""
+    return [""] if len(levels) == 1 else [f"_{name}" for name in levels]
+
+
+def code_use(code_counts: torch.Tensor, levels: Sequence[str]) -> dict:
+    """perplexity and codebook_usage of each level, from counts [L, K] (suffixed per level: level_suffixes)."""
+    use = {}
+    for suffix, counts in zip(level_suffixes(levels), code_counts):
+        use[f"perplexity{suffix}"] = perplexity(counts)
+        use[f"codebook_usage{suffix}"] = codebook_usage(counts)
+    return use
 
 
 def class_log_prior(class_counts: Sequence[int]) -> list[float]:
@@ -357,27 +383,46 @@ def class_log_prior(class_counts: Sequence[int]) -> list[float]:
     return [math.log(max(count, 1) / total) for count in class_counts]
 
 
-@torch.no_grad()
-def evaluate_prior(prior: GatedPixelCNN, loader, log_prior: Sequence[float] | None = None, unlabelled=None,
-                   precision: str = "fp32") -> float:
-    """Mean negative log-likelihood of a split's code maps in bits per code, over all processes.
+def level_positions(stacked: torch.Tensor, levels: int) -> list[int]:
+    """Codes per map of each level, from a batch (possibly empty) of stacked code maps."""
+    return [maps.shape[-2] * maps.shape[-1] for maps in unstack_levels(stacked, levels)]
 
-    For a class-conditional prior (log_prior = log p(class) given) the maps of `loader` are scored under their
-    label, and those of `unlabelled` (maps with no class folder) under the class mixture sum_c p(c) p(codes | c)."""
+
+def prior_report(bits_per_level: Sequence[float], positions: Sequence[int], maps: float,
+                 names: Sequence[str]) -> dict:
+    """NLL in bits per code (over all levels, and per level when there are several) and in bits per image."""
+    report = {"bits_per_code": sum(bits_per_level) / max(maps * sum(positions), 1.0),
+              "bits_per_image": sum(bits_per_level) / max(maps, 1.0)}
+    if len(names) > 1:
+        report.update({f"bits_per_code_{name}": bits / max(maps * count, 1.0)
+                       for name, bits, count in zip(names, bits_per_level, positions)})
+    return report
+
+
+@torch.no_grad()
+def evaluate_prior(prior: GatedPixelCNN | HierarchicalPrior, loader, log_prior: Sequence[float] | None = None,
+                   unlabelled=None, precision: str = "fp32") -> dict:
+    """A split's negative log-likelihood under a prior, over all processes (see prior_report for the keys).
+
+    Batches hold stacked code maps (stack_levels). For a class-conditional prior (log_prior = log p(class) given)
+    the maps of `loader` are scored under their label, and those of `unlabelled` (maps with no class folder) under
+    the class mixture (mixture_level_bits)."""
     prior.eval()
-    device = loader.device
-    total, count = torch.zeros((), device=device), 0
+    device, names = loader.device, prior.levels
+    totals, count = torch.zeros(len(names), device=device), 0
     for source, mixture in ((loader, False), (unlabelled, True)):
-        for codes, labels in progress_bar(source or [], desc="prior NLL", unit="batch"):
+        for stacked, labels in progress_bar(source or [], desc="prior NLL", unit="batch"):
+            maps = unstack_levels(stacked, len(names))
             with autocast(device, precision):
                 if mixture:
-                    bits = prior.mixture_bits_per_code(codes, log_prior)
+                    bits = mixture_level_bits([prior.level_bits(maps, torch.full_like(labels, label))
+                                               for label in range(len(log_prior))], log_prior)
                 else:
-                    bits = prior.bits_per_code(codes, None if log_prior is None else labels)
-            total += bits.sum()
-            count += len(codes)
-    bits_sum, maps = all_reduce_sum(torch.stack([total, torch.tensor(float(count), device=device)])).tolist()
-    return bits_sum / max(maps, 1.0)
+                    bits = prior.level_bits(maps, None if log_prior is None else labels)
+            totals += torch.stack([level.sum() for level in bits])
+            count += len(labels)
+    summed = all_reduce_sum(torch.cat([totals, torch.tensor([float(count)], device=device)])).tolist()
+    return prior_report(summed[:-1], level_positions(loader.data, len(names)), summed[-1], names)
 
 
 # ----------------------------------------------------------------------------- files
@@ -492,20 +537,26 @@ def _rebuild(path: str | os.PathLike, build: Callable[[], torch.nn.Module], stat
 
 
 def load_vqvae(path: str | os.PathLike, device: torch.device, checkpoint: dict | None = None,
-               ) -> tuple[VQVAE, dict]:
-    """Rebuild a VQ-VAE from its checkpoint alone (pass `checkpoint` when it is already loaded)."""
+               ) -> tuple[VQVAE | VQVAE2, dict]:
+    """Rebuild a VQ-VAE (one level or two) from its checkpoint alone (pass `checkpoint` when it is loaded)."""
     if checkpoint is None or checkpoint.get("kind") != "vqvae":
         checkpoint = load_checkpoint(path, expected_kind="vqvae")
-    model = _rebuild(path, lambda: VQVAE(VQVAEConfig.from_dict(checkpoint["config"])), checkpoint["model"])
+    model = _rebuild(path, lambda: build_vqvae(VQVAEConfig.from_dict(checkpoint["config"])), checkpoint["model"])
     return model.to(device).eval(), checkpoint
 
 
+def prior_configs(config: dict) -> list[PriorConfig]:
+    """A prior checkpoint's config: one PriorConfig, or one per level ({"levels": [...]}) for a hierarchical prior."""
+    return [PriorConfig.from_dict(level) for level in config["levels"]] if "levels" in config \
+        else [PriorConfig.from_dict(config)]
+
+
 def load_prior(path: str | os.PathLike, device: torch.device, vqvae_path: str | None = None,
-               checkpoint: dict | None = None) -> tuple[GatedPixelCNN, dict, VQVAE, dict]:
+               checkpoint: dict | None = None) -> tuple[GatedPixelCNN | HierarchicalPrior, dict, VQVAE | VQVAE2, dict]:
     """The prior, its checkpoint, and its VQ-VAE with its checkpoint, refusing a VQ-VAE whose codes differ."""
     if checkpoint is None:
         checkpoint = load_checkpoint(path, expected_kind="prior")
-    prior = _rebuild(path, lambda: GatedPixelCNN(PriorConfig.from_dict(checkpoint["config"])), checkpoint["model"])
+    prior = _rebuild(path, lambda: build_prior(prior_configs(checkpoint["config"])), checkpoint["model"])
     vqvae_path = vqvae_path or checkpoint["vqvae"]["path"]
     vqvae, vqvae_checkpoint = load_vqvae(vqvae_path, device)
     if weights_fingerprint(vqvae) != checkpoint["vqvae"]["fingerprint"]:
@@ -550,9 +601,11 @@ def save_figure(fig, path: str | os.PathLike) -> None:
 
 
 def _show_image(axis, image: torch.Tensor) -> None:
-    """Show a [C, H, W] image in [0, 1] (grayscale for one channel)."""
+    """Show a [C, H, W] image in [0, 1] (grayscale for one channel), or an [H, W, 3] colour picture."""
     array = image.detach().float().clamp(0, 1).cpu().numpy()
-    if array.shape[0] == 1:
+    if array.ndim == 3 and array.shape[-1] == 3:
+        axis.imshow(array, interpolation="nearest")
+    elif array.shape[0] == 1:
         axis.imshow(array[0], cmap="gray", vmin=0, vmax=1)
     else:
         axis.imshow(np.transpose(array, (1, 2, 0)))
@@ -560,57 +613,110 @@ def _show_image(axis, image: torch.Tensor) -> None:
     axis.set_yticks([])
 
 
-def save_image_rows(path: str | os.PathLike, columns: dict[str, Sequence[torch.Tensor]], title: str = "",
-                    code_columns: Sequence[str] = (), num_codes: int = 0) -> None:
-    """One row per example, one column per named image list; code maps are shown with a categorical colour map."""
+def code_colours(code_vectors: torch.Tensor) -> torch.Tensor:
+    """An RGB colour [K, 3] per code: the first three principal components of the code vectors [K, D] around
+    mid-grey, all three scaled alike (so the main directions of variation dominate). Codes with similar vectors get
+    similar colours, so a code map shows the structure the model learned."""
+    vectors = code_vectors.detach().float().cpu()
+    centred = vectors - vectors.mean(0)
+    _, _, components = torch.linalg.svd(centred, full_matrices=False)
+    projected = centred @ components[:3].t()
+    if projected.shape[1] < 3:
+        projected = F.pad(projected, (0, 3 - projected.shape[1]))
+    spread = projected.abs().flatten().quantile(0.99).clamp_min(1e-8)
+    return (0.5 + 0.5 * projected / spread).clamp(0, 1)
+
+
+def _figure_for(rows: int, columns: int, example: torch.Tensor, width: float, title: str):
+    """A figure whose panels have the images' aspect ratio, laid out to fill its canvas (no blank bands)."""
     plt = pyplot()
+    height = width * example.shape[-2] / example.shape[-1]
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows + (0.35 if title else 0)),
+                             squeeze=False, layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig, axes
+
+
+def save_image_rows(path: str | os.PathLike, columns: dict[str, Sequence[torch.Tensor]], title: str = "",
+                    code_colours: dict[str, torch.Tensor] | None = None) -> None:
+    """One row per example, one column per named image list. Columns named in code_colours hold code maps, drawn
+    with those colours [K, 3], one per code (see code_colours)."""
+    code_colours = code_colours or {}
     names = list(columns)
-    rows = len(columns[names[0]])
-    fig, axes = plt.subplots(rows, len(names), figsize=(2.2 * len(names), 2.2 * rows), squeeze=False)
+    first = columns[names[0]][0]
+    fig, axes = _figure_for(len(columns[names[0]]), len(names), first, 1.8, title)
     for column, name in enumerate(names):
-        for row in range(rows):
+        for row, item in enumerate(columns[name]):
             axis = axes[row][column]
-            item = columns[name][row]
-            if name in code_columns:
-                axis.imshow(item.cpu().numpy(), cmap="nipy_spectral", vmin=0, vmax=max(num_codes - 1, 1),
-                            interpolation="nearest")
-                axis.set_xticks([])
-                axis.set_yticks([])
+            if name in code_colours:
+                _show_image(axis, code_colours[name][item.long().cpu()])
             else:
                 _show_image(axis, item)
             if row == 0:
                 axis.set_title(name, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
 
 
 @torch.no_grad()
-def save_reconstructions(path: str | os.PathLike, model: VQVAE, images: torch.Tensor, title: str) -> None:
-    """input | code map | reconstruction, one row per image."""
+def save_reconstructions(path: str | os.PathLike, model: VQVAE | VQVAE2, images: torch.Tensor, title: str) -> None:
+    """input | code map (one per level) | reconstruction, one row per image."""
     model.eval()
-    reconstruction, indices, _ = model(images)
-    save_image_rows(path, {"input": images, "codes": indices, "reconstruction": reconstruction},
-                    title=title, code_columns=("codes",), num_codes=model.config.num_embeddings)
+    reconstruction, codes, _ = model(images)
+    maps = code_columns(model, as_levels(codes))
+    save_image_rows(path, {"input": images, **maps, "reconstruction": reconstruction}, title=title,
+                    code_colours=model_code_colours(model, list(maps)))
+
+
+def code_columns(model: VQVAE | VQVAE2, codes: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Figure columns of code maps, one per level: "codes", or "top codes" and "bottom codes"."""
+    names = ["codes"] if len(model.levels) == 1 else [f"{level} codes" for level in model.levels]
+    return dict(zip(names, codes))
+
+
+def model_code_colours(model: VQVAE | VQVAE2, columns: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per code-map column, code_colours of the vectors the decoder receives for that level's codes."""
+    with torch.no_grad():
+        return {column: code_colours(quantizer.from_code_space(quantizer.codebook()))
+                for column, quantizer in zip(columns, model.quantizers)}
 
 
 def save_image_grid(path: str | os.PathLike, images: torch.Tensor, columns: int = 8, title: str = "") -> None:
-    plt = pyplot()
     rows = (len(images) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows), squeeze=False)
+    fig, axes = _figure_for(rows, columns, images[0], 1.4, title)
     for index, axis in enumerate(axes.flat):
         if index < len(images):
             _show_image(axis, images[index])
         else:
             axis.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
+
+
+def save_gif(path: str | os.PathLike, frames: Sequence[str | os.PathLike], seconds_per_frame: float = 0.6) -> None:
+    """An animated GIF of PNG frames (padded to the largest), the last one held longer."""
+    from PIL import Image
+
+    if not frames:
+        return
+    images = []
+    for frame in frames:
+        with Image.open(frame) as image:
+            images.append(image.convert("RGB"))
+    width, height = max(image.width for image in images), max(image.height for image in images)
+    padded = []
+    for image in images:
+        canvas = Image.new("RGB", (width, height), "white")
+        canvas.paste(image, (0, 0))
+        padded.append(canvas.quantize(colors=255))
+    durations = [int(seconds_per_frame * 1000)] * (len(padded) - 1) + [int(seconds_per_frame * 4000)]
+    atomic_write(path, lambda tmp: padded[0].save(tmp, format="GIF", save_all=True, append_images=padded[1:],
+                                                  duration=durations, loop=0))
 
 
 def save_histogram(path: str | os.PathLike, values: np.ndarray, title: str, xlabel: str, bins: int = 40) -> None:
     plt = pyplot()
-    fig, axis = plt.subplots(figsize=(5, 3.2))
+    fig, axis = plt.subplots(figsize=(5, 3.2), layout="constrained")
     axis.hist(values, bins=bins, color="#3b6ea8")
     axis.set_title(title, fontsize=10)
     axis.set_xlabel(xlabel)
@@ -618,28 +724,54 @@ def save_histogram(path: str | os.PathLike, values: np.ndarray, title: str, xlab
     save_figure(fig, path)
 
 
-def save_code_usage_figure(path: str | os.PathLike, code_counts: torch.Tensor, title: str) -> None:
+def save_code_usage_figure(path: str | os.PathLike, code_counts: torch.Tensor, levels: Sequence[str],
+                           title: str) -> None:
+    """How often each code was used, sorted, one panel per level (counts [L, K])."""
     plt = pyplot()
-    counts = np.sort(code_counts.cpu().numpy())[::-1]
-    fig, axis = plt.subplots(figsize=(6, 3.2))
-    axis.bar(np.arange(len(counts)), counts, width=1.0, color="#3b6ea8")
-    axis.set_yscale("symlog")
-    axis.set_title(title, fontsize=10)
-    axis.set_xlabel("code (sorted by use)")
-    axis.set_ylabel("times used")
+    counts = code_counts.view(-1, code_counts.shape[-1]).cpu().numpy()
+    fig, axes = plt.subplots(1, len(counts), figsize=(6 * len(counts), 3.2), squeeze=False, layout="constrained")
+    for axis, level, level_counts in zip(axes[0], levels, counts):
+        ordered = np.sort(level_counts)[::-1]
+        axis.bar(np.arange(len(ordered)), ordered, width=1.0, color="#3b6ea8")
+        axis.set_yscale("symlog")
+        usage = (level_counts > 0).mean()
+        axis.set_title(f"{level}: {usage:.0%} of the codes used" if len(counts) > 1 else f"{usage:.0%} of the codes "
+                       "used", fontsize=10)
+        axis.set_xlabel("code (sorted by use)")
+        axis.set_ylabel("times used")
+    fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
+
+
+@torch.no_grad()
+def save_level_contributions(path: str | os.PathLike, model: VQVAE2, images: torch.Tensor,
+                             code_counts: torch.Tensor, title: str) -> None:
+    """input | both levels | each level alone: decoded with the other levels' codes all set to their mean vector
+    (weighted by how often each code was used), so a user sees what each level carries."""
+    model.eval()
+    quantized = [quantizer.lookup(codes) for quantizer, codes in zip(model.quantizers, model.code_maps(images))]
+    means = []
+    for quantizer, counts in zip(model.quantizers, code_counts.to(images.device)):
+        vectors = quantizer.from_code_space(quantizer.codebook())
+        means.append((counts[:, None] * vectors).sum(0) / counts.sum().clamp_min(1))
+    columns = {"input": images, "both levels": model.decode_levels(quantized)}
+    for kept, level in enumerate(model.levels):
+        levels = [vectors if index == kept else mean[None, :, None, None].expand_as(vectors)
+                  for index, (vectors, mean) in enumerate(zip(quantized, means))]
+        columns[f"{level} only"] = model.decode_levels(levels)
+    save_image_rows(path, {name: column.float().clamp(0, 1) for name, column in columns.items()}, title=title)
 
 
 def save_training_curves(path: str | os.PathLike, rows: list[dict], panels: dict[str, Sequence[str]]) -> None:
     """One panel per entry of `panels` (title -> metric columns), each metric plotted against epoch."""
     plt = pyplot()
-    epochs = [float(row["epoch"]) for row in rows]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False,
+                             layout="constrained")
     for axis, (title, metrics) in zip(axes[0], panels.items()):
         for metric in metrics:
-            values = [float(row[metric]) for row in rows if row.get(metric) not in (None, "")]
-            if values:
-                axis.plot(epochs[: len(values)], values, marker="o", markersize=3, label=metric)
+            points = [(float(row["epoch"]), float(row[metric])) for row in rows if row.get(metric) not in (None, "")]
+            if points:  # rows of an older version may lack a metric: each value stays at its own epoch
+                axis.plot(*zip(*points), marker="o", markersize=3, label=metric)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("epoch")
         axis.legend(fontsize=8)

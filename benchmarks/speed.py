@@ -6,6 +6,7 @@ memory is its own. MONAI is an optional benchmark dependency only (`pip install 
 
     python benchmarks/speed.py --image-size 128 --batch-size 64 --device cpu --steps 10
     python benchmarks/speed.py --image-size 128 --batch-size 64 --device cuda --steps 100 --compile
+    python benchmarks/speed.py --image-size 256 128 --defaults --steps 10      # the default model at HipMRI size
 
 Last line: images_per_s=<x> monai_images_per_s=<y> ratio=<x/y>
 """
@@ -30,12 +31,13 @@ MATCHED = {"downsamples": 2, "hidden": 128, "residual_layers": 2, "num_embedding
 
 def build(which: str) -> tuple[torch.nn.Module, callable]:
     """The model and a function images -> (reconstruction, quantization loss)."""
-    if which == "ours":
+    if which in ("ours", "defaults"):
         from modules import VQVAE, VQVAEConfig
 
-        model = VQVAE(VQVAEConfig(hidden_channels=MATCHED["hidden"], residual_channels=MATCHED["hidden"],
-                                  num_residual_layers=MATCHED["residual_layers"], downsamples=MATCHED["downsamples"],
-                                  num_embeddings=MATCHED["num_embeddings"], embedding_dim=MATCHED["embedding_dim"]))
+        model = VQVAE(VQVAEConfig() if which == "defaults" else VQVAEConfig(
+            hidden_channels=MATCHED["hidden"], residual_channels=MATCHED["hidden"],
+            num_residual_layers=MATCHED["residual_layers"], downsamples=MATCHED["downsamples"],
+            num_embeddings=MATCHED["num_embeddings"], embedding_dim=MATCHED["embedding_dim"]))
 
         def step(module, images):
             reconstruction, _, loss = module(images)
@@ -61,7 +63,8 @@ def measure(which: str, args: argparse.Namespace, results) -> None:
     module = torch.compile(model) if args.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.rand(args.batch_size, 1, args.image_size, args.image_size, generator=generator)
+    height, width = args.image_size * 2 if len(args.image_size) == 1 else args.image_size
+    batches = [torch.rand(args.batch_size, 1, height, width, generator=generator)
                .to(device).contiguous(memory_format=torch.channels_last) for _ in range(4)]
 
     def train_step(images):
@@ -90,7 +93,7 @@ def measure(which: str, args: argparse.Namespace, results) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, nargs="+", default=[128], help="N (square) or H W")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
@@ -99,14 +102,18 @@ def main() -> None:
     parser.add_argument("--precision", choices=utils.PRECISIONS, default="auto",
                         help="autocast of both models, as train.py's --precision")
     parser.add_argument("--no-monai", action="store_true", help="measure this repository's model only")
+    parser.add_argument("--defaults", action="store_true",
+                        help="this repository's default model instead of the size matched to MONAI's (no MONAI)")
     args = parser.parse_args()
     try:
         import monai  # noqa: F401
 
-        models = ["ours"] if args.no_monai else ["ours", "monai"]
+        models = ["ours"] if args.no_monai or args.defaults else ["ours", "monai"]
     except ImportError:
         models = ["ours"]
         print("monai is not installed: measuring this repository's model only (pip install monai to compare)")
+    if args.defaults:
+        models = ["defaults"]
     context = multiprocessing.get_context("spawn")
     results = context.Manager().dict()
     for which in models:
@@ -117,10 +124,11 @@ def main() -> None:
             raise SystemExit(f"the {which} measurement failed")
         images_per_s, peak_mb = results[which]
         memory = "GPU memory" if args.device.startswith("cuda") else "process memory"
+        size = "x".join(map(str, args.image_size * 2 if len(args.image_size) == 1 else args.image_size))
         print(f"{which:>5}: {images_per_s:8.1f} images/s, peak {memory} {peak_mb:,.0f} MB "
-              f"({args.image_size}x{args.image_size}, batch {args.batch_size}, {args.device}, "
+              f"({size}, batch {args.batch_size}, {args.device}, "
               f"{utils.resolve_precision(args.precision, torch.device(args.device))})")
-    ours = results["ours"][0]
+    ours = results[models[0]][0]
     theirs = results["monai"][0] if "monai" in results else float("nan")
     print(f"images_per_s={ours:.1f} monai_images_per_s={theirs:.1f} ratio={ours / theirs:.2f}")
 

@@ -35,15 +35,16 @@ def test_train_then_predict(layout: str, request, tmp_path: Path):
     assert {"model", "optimizer", "config", "preprocessing", "epoch", "metrics", "best_val_ssim"} <= set(saved)
     figures = tmp_path / "res" / "tiny"
     assert (figures / "reconstructions_epoch_001.png").exists() and (figures / "curves.png").exists()
+    assert (figures / "reconstructions.gif").exists()
     rows = utils.read_csv_rows(figures / "metrics.csv")
-    assert len(rows) == 1 and 0 < float(rows[0]["val_codebook_usage"]) <= 1
+    assert len(rows) == 1 and 0 < float(rows[0]["val_codebook_usage"]) <= 1 and 0 < float(rows[0]["val_mae"]) < 1
 
     metrics_path = tmp_path / "metrics.json"
     metrics = predict.main(["-m", str(checkpoint), "--metrics-json", str(metrics_path), "--cache-dir",
                             str(tmp_path / "cache"), "--resources-dir", str(tmp_path / "res")])
     written = json.loads(metrics_path.read_text())
     assert written["num_images"] == 4 and written["split"] == "test"
-    assert {"ssim_mean", "ssim_min", "ssim_max", "psnr_mean", "codebook_usage"} <= set(written)
+    assert {"ssim_mean", "ssim_min", "ssim_max", "psnr_mean", "mae_mean", "codebook_usage"} <= set(written)
     assert written["ssim_min"] <= written["ssim_mean"] <= written["ssim_max"] <= 1
     assert metrics == written
     for name in ("test_reconstructions.png", "test_ssim_histogram.png", "test_code_usage.png"):

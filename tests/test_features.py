@@ -9,6 +9,7 @@ import torch
 
 import extract_features
 import train
+import utils
 from conftest import write_png
 from test_end_to_end import train_args
 from utils import UsageError
@@ -32,7 +33,7 @@ def vqvae_and_data(tmp_path: Path) -> tuple[str, Path]:
     return checkpoint, data
 
 
-def test_features_file_holds_every_slice(vqvae_and_data, tmp_path: Path):
+def test_features_file_holds_every_slice_and_every_set_has_its_documented_size(vqvae_and_data, tmp_path: Path):
     checkpoint, data = vqvae_and_data
     out = tmp_path / "features.npz"
     extract_features.main(["-m", checkpoint, "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
@@ -41,10 +42,17 @@ def test_features_file_holds_every_slice(vqvae_and_data, tmp_path: Path):
     assert count == 32 and sorted(set(saved["split"])) == ["test", "train", "validate"]
     assert list(saved["class_names"]) == ["bright", "dark"] and set(saved["label"]) == {0, 1}
     assert saved["codes"].shape == (count, 8, 8)
-    assert saved["bag_of_codes"].shape == (count, 32)
-    np.testing.assert_allclose(saved["bag_of_codes"].sum(1), 1, atol=1e-5)
-    assert saved["embedding_mean"].shape == saved["embedding_max"].shape == (count, 8)
-    assert (saved["embedding_max"] >= saved["embedding_mean"] - 1e-6).all()
+    config = utils.load_checkpoint(checkpoint)["config"]
+    from modules import VQVAEConfig
+
+    config = VQVAEConfig.from_dict(config)
+    sizes = {"bag": 32, "pooled": 2 * 8, "grid": 20 * 8, "latent": 2 * 8, "latent_grid": 20 * 8}  # K=32, D=8
+    for name, size in sizes.items():
+        assert saved[name].shape == (count, size) == (count, extract_features.feature_size(name, config)), name
+    assert saved["pixels"].shape == (count, 8 * 8)  # pooled to the 8x8 code map
+    np.testing.assert_allclose(saved["bag"].sum(1), 1, atol=1e-5)
+    mean, maximum = np.split(saved["pooled"], 2, axis=1)
+    assert (maximum >= mean - 1e-6).all()
     for path, label in zip(saved["path"], saved["label"]):
         assert Path(path).parent.name == list(saved["class_names"])[label]
 
@@ -53,12 +61,38 @@ def test_probe_learns_a_trivially_separable_set(vqvae_and_data, tmp_path: Path):
     checkpoint, _ = vqvae_and_data
     metrics = tmp_path / "probe.json"
     results = extract_features.main(["-m", checkpoint, "--out", str(tmp_path / "f.npz"), "--probe",
-                                     "--fractions", "20", "100", "--metrics-json", str(metrics),
-                                     "--cache-dir", str(tmp_path / "cache"), "--resources-dir", str(tmp_path)])
+                                     "--fractions", "20", "100", "--seeds", "2", "--features", "grid", "bag+pooled",
+                                     "--metrics-json", str(metrics), "--cache-dir", str(tmp_path / "cache"),
+                                     "--resources-dir", str(tmp_path)])
     assert json.loads(metrics.read_text()) == results
-    assert results["accuracy_features_100"] == 1.0 and results["accuracy_pixels_100"] == 1.0
-    assert results["accuracy_features_20"] >= 0.75
+    assert results["accuracy_features_100"] == results["accuracy_grid_100"] == 1.0
+    assert results["accuracy_pixels_100"] == 1.0 and results["accuracy_pixels_matched_100"] == 1.0
+    assert results["accuracy_bag+pooled_20"] >= 0.75 and "accuracy_bag+pooled_20_std" in results
+    assert {"margin_20", "margin_20_std", "accuracy_features_20_std"} <= set(results)
     assert (tmp_path / Path(checkpoint).stem / "probe.png").exists()
+
+
+def test_label_draws_change_with_the_seed_and_repeat_with_it():
+    labels = torch.tensor([0] * 100 + [1] * 100)
+    draws = [extract_features.balanced_subset(labels, 10, ["a", "b"], seed) for seed in (0, 0, 1)]
+    assert torch.equal(draws[0], draws[1]) and set(draws[0].tolist()) != set(draws[2].tolist())
+
+
+def test_cross_validation_picks_the_penalty_the_data_need():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1] * 20)
+    separable = torch.randn(40, 5, generator=generator) + 4 * labels[:, None].float()  # far apart: barely any
+    picked = extract_features.cross_validated_penalty(separable, labels, 2, torch.Generator().manual_seed(0))
+    assert picked == min(extract_features.PENALTIES)  # penalty lets the probe grow sure, and it should
+    noise = torch.randn(40, 30, generator=generator)  # labels unrelated to the features: only shrinking helps
+    picked = extract_features.cross_validated_penalty(noise, labels, 2, torch.Generator().manual_seed(0))
+    assert picked == max(extract_features.PENALTIES)
+
+
+def test_unknown_feature_sets_are_a_clear_error(vqvae_and_data):
+    checkpoint, _ = vqvae_and_data
+    with pytest.raises(UsageError, match="unknown feature set wavelets"):
+        extract_features.main(["-m", checkpoint, "--features", "grid+wavelets"])
 
 
 def test_balanced_subset_takes_the_fraction_of_every_class():
@@ -88,8 +122,8 @@ def test_bag_of_codes_of_a_large_codebook_is_counted_without_a_one_hot(tmp_path:
     images = torch.randint(0, 256, (512, 1, 256, 128), dtype=torch.uint8)
     slices = SliceSet(images, torch.full((512,), -1), [f"{i}" for i in range(512)], [], "train", "key")
     features = extract_features.split_features(model, slices, torch.device("cpu"), str(tmp_path), batch_size=64)
-    assert features.bag_of_codes.shape == (512, 4096) and features.pixels.shape == (512, 64 * 32)
-    codes = features.codes.long().flatten(1)
+    assert features.sets["bag"].shape == (512, 4096) and features.sets["pixels"].shape == (512, 64 * 32)
+    codes = features.codes[0].long().flatten(1)
     for row in (0, 511):
         expected = torch.bincount(codes[row], minlength=4096).float() / codes.shape[1]
-        torch.testing.assert_close(features.bag_of_codes[row], expected)
+        torch.testing.assert_close(features.sets["bag"][row], expected)

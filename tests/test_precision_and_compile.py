@@ -43,10 +43,11 @@ def test_bf16_training_learns(hipmri_dir: Path, tmp_path: Path):
     assert float(rows[-1]["train_recon_loss"]) < float(rows[0]["train_recon_loss"])
 
 
-def test_compiled_training_runs_as_one_graph(hipmri_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize("levels", ["1", "2"])
+def test_compiled_training_runs_as_one_graph(levels: str, hipmri_dir: Path, tmp_path: Path):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    result = train.main(train_args(tmp_path, hipmri_dir.parent, "--compile", "--max-steps", "2"))
+    result = train.main(train_args(tmp_path, hipmri_dir.parent, "--compile", "--max-steps", "2", "--levels", levels))
     assert utils.load_checkpoint(result["last_checkpoint"])["training"]["step"] == 2
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step really was compiled
     assert not torch._dynamo.utils.counters["graph_break"]  # a break would split the GPU step into several graphs

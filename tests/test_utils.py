@@ -98,3 +98,46 @@ def test_bad_checkpoints_are_refused_with_a_clear_message_and_never_run_code(tmp
     torch.save({"weights": torch.ones(1)}, plain)
     with pytest.raises(UsageError, match="not a checkpoint written by this tool"):
         utils.load_checkpoint(plain)
+
+
+def test_mean_absolute_error_of_a_known_difference():
+    reference = torch.zeros(2, 1, 4, 4)
+    changed = reference.clone()
+    changed[1] += 0.25
+    torch.testing.assert_close(utils.mae_per_image(changed, reference), torch.tensor([0.0, 0.25]))
+
+
+def test_code_colours_give_similar_codes_similar_colours():
+    generator = torch.Generator().manual_seed(0)
+    near_a = torch.randn(20, 8, generator=generator) * 0.05 + 3
+    near_b = torch.randn(20, 8, generator=generator) * 0.05 - 3
+    colours = utils.code_colours(torch.cat([near_a, near_b]))
+    assert colours.shape == (40, 3) and colours.min() >= 0 and colours.max() <= 1
+    within = torch.cdist(colours[:20], colours[:20]).max()
+    across = torch.cdist(colours[:20], colours[20:]).min()
+    assert across > 5 * within
+
+
+def test_figures_fill_their_canvas(tmp_path: Path):
+    """No blank band under the title: the top rows of pixels below the title hold image content."""
+    from PIL import Image
+
+    images = torch.rand(4, 1, 64, 32)
+    utils.save_image_rows(tmp_path / "rows.png", {"a": images, "b": images}, title="a title")
+    picture = np.asarray(Image.open(tmp_path / "rows.png").convert("L"), dtype=np.float32)
+    blank_rows = (picture.std(axis=1) < 1).astype(int)  # rows that are all one colour (white)
+    assert blank_rows[: len(blank_rows) // 8].sum() < 0.05 * len(blank_rows)
+    height, width = picture.shape
+    assert 1.5 < height / width < 4.5  # four rows of 2:1 images in two columns, not a square-cell grid
+
+
+def test_gif_holds_one_frame_per_picture(tmp_path: Path):
+    from PIL import Image
+
+    frames = []
+    for index, size in enumerate([(40, 30), (42, 30), (40, 31)]):  # the grids of different epochs differ slightly
+        frames.append(tmp_path / f"{index}.png")
+        Image.new("RGB", size, (index * 80, 0, 0)).save(frames[-1])
+    utils.save_gif(tmp_path / "epochs.gif", frames)
+    with Image.open(tmp_path / "epochs.gif") as gif:
+        assert gif.n_frames == 3 and gif.size == (42, 31)
