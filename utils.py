@@ -427,6 +427,15 @@ def evaluate_prior(prior: GatedPixelCNN | HierarchicalPrior, loader, log_prior: 
 
 # ----------------------------------------------------------------------------- files
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_DEFAULT_FILE_MODE = 0o666 & ~_umask()  # what open() would have given the file; read once, at import
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) and move the result onto path in one step: a killed run never leaves half a file."""
     path = Path(path)
@@ -437,6 +446,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp_path)
         with open(tmp_path, "rb") as written:
             os.fsync(written.fileno())
+        os.chmod(tmp_path, _DEFAULT_FILE_MODE)  # mkstemp makes files private (0600); others may need to read them
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):

@@ -141,3 +141,13 @@ def test_gif_holds_one_frame_per_picture(tmp_path: Path):
     utils.save_gif(tmp_path / "epochs.gif", frames)
     with Image.open(tmp_path / "epochs.gif") as gif:
         assert gif.n_frames == 3 and gif.size == (42, 31)
+
+
+def test_atomic_write_leaves_a_complete_file_with_the_usual_permissions(tmp_path: Path):
+    target = tmp_path / "out.txt"
+    utils.atomic_write(target, lambda name: Path(name).write_text("done"))
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")  # what open() gives under this process's umask
+    assert target.read_text() == "done"
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    assert [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")] == []
