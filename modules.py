@@ -448,12 +448,9 @@ class VQVAE(nn.Module):
 class VQVAE2(nn.Module):
     """Two levels of codes (VQ-VAE-2, Razavi et al. 2019): a top map one halving coarser than the bottom one.
 
-    The top is quantized first; the top's decoder turns its codes into a coarse estimate of the bottom latents, and
-    the bottom codes quantize what that estimate leaves out (the residual), so each bottom code refines its top
-    code rather than repeating it. The final decoder sees both levels: the coarse estimate plus the bottom codes.
-    (With the paper's concatenation instead, the bottom codes carried the whole image on brain MRI and the final
-    decoder ignored the top ones: a top-only decode was blank.) A fit loss, weighted like the commitment, pulls the
-    coarse estimate towards the latents, so the top level holds what one code per 2x2 bottom cells can say.
+    The top is quantized first; the top's decoder turns its codes into features at the bottom's size, which join
+    the bottom encoder's own before the bottom quantization, so the bottom codes hold what the top ones leave out.
+    The final decoder sees both levels, the top upsampled to the bottom's size.
     forward(images) -> (reconstruction, (top indices, bottom indices), vq loss of both)."""
 
     levels = ("top", "bottom")
@@ -463,32 +460,29 @@ class VQVAE2(nn.Module):
         self.config = config
         hidden, dim = config.hidden_channels, config.embedding_dim
         self.bottom_encoder = Encoder(config, out_channels=0)  # images -> hidden features at 1/s
-        self.bottom_projection = nn.Conv2d(hidden, dim, 1)  # -> the latents the two levels approximate, at 1/s
         self.top_encoder = Encoder(config, in_channels=hidden, downsamples=1)  # -> top latents at 1/2s
         self.top_quantizer = make_quantizer(config)
-        self.top_decoder = Decoder(config, upsamples=1, out_channels=dim)  # top codes -> coarse latents at 1/s
+        self.top_decoder = Decoder(config, upsamples=1, out_channels=dim)  # top codes -> features at 1/s
+        self.bottom_projection = nn.Conv2d(hidden + dim, dim, 1)
         self.bottom_quantizer = make_quantizer(config)
-        self.decoder = Decoder(config)
+        self.upsample_top = nn.ConvTranspose2d(dim, dim, 4, stride=2, padding=1)
+        self.decoder = Decoder(config, in_channels=2 * dim)
 
     @property
     def quantizers(self) -> list[VectorQuantizer]:
         return [self.top_quantizer, self.bottom_quantizer]
 
-    def _levels(self, images: torch.Tensor) -> tuple[tuple, tuple, torch.Tensor, torch.Tensor]:
-        """(top quantized, indices, loss), (bottom ...), the coarse estimate and the fit loss."""
+    def _bottom_latents(self, features: torch.Tensor, top_quantized: torch.Tensor) -> torch.Tensor:
+        return self.bottom_projection(torch.cat([features, self.top_decoder(top_quantized)], dim=1))
+
+    def _quantize_levels(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         features = self.bottom_encoder(images)
-        latents = self.bottom_projection(features)
         top = self.top_quantizer(self.top_encoder(features))
-        coarse = self.top_decoder(top[0])
-        # The residual sees the coarse estimate as a constant: reconstruction gradients reach the top level through
-        # the sum the decoder sees, not cancelled by the subtraction.
-        bottom = self.bottom_quantizer(latents - coarse.detach())
-        fit_loss = self.config.beta * F.mse_loss(coarse.float(), latents.detach().float())
-        return top, bottom, coarse, fit_loss
+        return [top, self.bottom_quantizer(self._bottom_latents(features, top[0]))]
 
     def decode_levels(self, quantized: Sequence[torch.Tensor]) -> torch.Tensor:
         top, bottom = quantized
-        return self.decoder(self.top_decoder(top) + bottom)
+        return self.decoder(torch.cat([self.upsample_top(top), bottom], dim=1))
 
     def decode_code_maps(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.decode_levels([quantizer.lookup(level) for quantizer, level in zip(self.quantizers, codes)])
@@ -497,15 +491,13 @@ class VQVAE2(nn.Module):
         return self.decode_code_maps(codes)
 
     def code_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        top, bottom, _, _ = self._levels(images)
-        return [top[1], bottom[1]]
+        return [indices for _, indices, _ in self._quantize_levels(images)]
 
     def latent_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Each level's continuous latents before quantization (the bottom one's the residual given the top's
-        codes)."""
+        """Each level's continuous latents before quantization (the bottom one's given the top's codes)."""
         features = self.bottom_encoder(images)
         top = self.top_encoder(features)
-        return [top, self.bottom_projection(features) - self.top_decoder(self.top_quantizer.nearest_vectors(top))]
+        return [top, self._bottom_latents(features, self.top_quantizer.nearest_vectors(top))]
 
     def code_map(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(self.code_maps(images))
@@ -513,19 +505,18 @@ class VQVAE2(nn.Module):
     @torch.no_grad()
     def initialise_codebooks(self, batches: Sequence[torch.Tensor], kmeans_iterations: int = 0,
                              steps: float = 1) -> None:
-        """The top codebook first, then the bottom one from residuals that already see the seeded top codes."""
+        """The top codebook first, then the bottom one from latents that already see the seeded top codes."""
         features = [self.bottom_encoder(images) for images in batches]
         top_latents = [self.top_encoder(feature) for feature in features]
         self.top_quantizer.initialise(torch.cat([_rows(latents) for latents in top_latents]), kmeans_iterations,
                                       steps)
-        residuals = [self.bottom_projection(feature) - self.top_decoder(self.top_quantizer.nearest_vectors(latents))
-                     for feature, latents in zip(features, top_latents)]
-        self.bottom_quantizer.initialise(torch.cat([_rows(latents) for latents in residuals]), kmeans_iterations,
-                                         steps)
+        bottom = [self._bottom_latents(feature, self.top_quantizer.nearest_vectors(latents))
+                  for feature, latents in zip(features, top_latents)]
+        self.bottom_quantizer.initialise(torch.cat([_rows(latents) for latents in bottom]), kmeans_iterations, steps)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        (_, top_indices, top_loss), (bottom, bottom_indices, bottom_loss), coarse, fit_loss = self._levels(images)
-        return self.decoder(coarse + bottom), (top_indices, bottom_indices), top_loss + bottom_loss + fit_loss
+        (top, top_indices, top_loss), (bottom, bottom_indices, bottom_loss) = self._quantize_levels(images)
+        return self.decode_levels([top, bottom]), (top_indices, bottom_indices), top_loss + bottom_loss
 
 
 def build_vqvae(config: VQVAEConfig) -> VQVAE | VQVAE2:
