@@ -128,6 +128,10 @@ def save_figure(path: Path, points: list[dict]) -> None:
         mine = sorted((point["bpp"], point["ssim"]) for point in points if point["codec"] == codec)
         axis.plot(*zip(*mine), marker="o", markersize=4, label=codec)
     axis.set_xscale("log")
+    low, high = axis.get_xlim()
+    ticks = [tick for tick in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8) if low <= tick <= high]
+    axis.set_xticks(ticks, [f"{tick:g}" for tick in ticks])
+    axis.set_xticks([], minor=True)  # the default minor labels of a log axis overlap at these rates
     axis.set_xlabel("bits per pixel")
     axis.set_ylabel("mean SSIM")
     axis.set_title("rate against quality (JPEG: entropy-coded data only)", fontsize=10)
