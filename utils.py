@@ -199,9 +199,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, epochs: int, batch_size: 
     training.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPUs after "
                           "a minute of compiling)")
     training.add_argument("--precision", choices=PRECISIONS, default="auto",
-                          help="bf16 autocast (the quantizer stays float32) or fp32; auto = bf16 on GPUs with native "
+                          help="bf16 autocast (a VQ-VAE's quantizer stays float32) or fp32; auto = bf16 on GPUs with native "
                           "bfloat16 (compute capability 8.0+), fp32 on older GPUs and CPUs")
-    training.add_argument("--seed", type=int, default=0, help="seeds weights, shuffling and codebook restarts")
+    training.add_argument("--seed", type=int, default=0, help="seeds weights, shuffling (and a VQ-VAE's codebook restarts)")
     training.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: auto, cuda "
                           "or cpu; each process takes the GPU of its LOCAL_RANK)")
     output = parser.add_argument_group("output")
