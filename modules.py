@@ -265,6 +265,10 @@ class VectorQuantizer(nn.Module):
     def from_code_space(self, codes: torch.Tensor) -> torch.Tensor:
         return self.project_out(codes) if self.code_dim != self.embedding_dim else codes
 
+    def output_vectors(self) -> torch.Tensor:
+        """The D-dimensional vector [K, D] the decoder receives for each code."""
+        return self.from_code_space(self.codebook())
+
     def nearest_codes(self, flat: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code for each row of flat [N, d] (vectors in code space)."""
         codebook = self.codebook()
@@ -381,7 +385,15 @@ def _rows(latents: torch.Tensor) -> torch.Tensor:
     return latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
 
 
-class VQVAE(nn.Module):
+class _CodeLevels(nn.Module):
+    """What VQVAE and VQVAE2 share: decoding one code map per level through the level's quantizer."""
+
+    def decode_code_maps(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Images from every level's code indices, in the order of `levels`."""
+        return self.decode_levels([quantizer.lookup(level) for quantizer, level in zip(self.quantizers, codes)])
+
+
+class VQVAE(_CodeLevels):
     """One map of codes: encoder, quantizer, decoder.
 
     forward(images) -> (reconstruction, code indices [B, h, w], vq loss). The level-generic methods (levels,
@@ -429,9 +441,6 @@ class VQVAE(nn.Module):
         """Images from every level's quantized vectors, in the order of `levels`."""
         return self.decode(quantized[0])
 
-    def decode_code_maps(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.decode_levels([quantizer.lookup(level) for quantizer, level in zip(self.quantizers, codes)])
-
     @torch.no_grad()
     def initialise_codebooks(self, batches: Sequence[torch.Tensor], kmeans_iterations: int = 0,
                              steps: float = 1) -> None:
@@ -445,7 +454,7 @@ class VQVAE(nn.Module):
         return self.decode(quantized), indices, vq_loss
 
 
-class VQVAE2(nn.Module):
+class VQVAE2(_CodeLevels):
     """Two levels of codes (VQ-VAE-2, Razavi et al. 2019): a top map one halving coarser than the bottom one.
 
     The top is quantized first; the top's decoder turns its codes into features at the bottom's size, which join
@@ -483,9 +492,6 @@ class VQVAE2(nn.Module):
     def decode_levels(self, quantized: Sequence[torch.Tensor]) -> torch.Tensor:
         top, bottom = quantized
         return self.decoder(torch.cat([self.upsample_top(top), bottom], dim=1))
-
-    def decode_code_maps(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.decode_levels([quantizer.lookup(level) for quantizer, level in zip(self.quantizers, codes)])
 
     def decode_codes(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.decode_code_maps(codes)

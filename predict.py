@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {"ssim_mean": ssim.mean().item(), "ssim_min": ssim.min().item(), "ssim_max": ssim.max().item(),
                "psnr_mean": results["psnr"], "mae_mean": results["mae"], **use, "num_images": len(slices),
                "split": split}
-    code_use = "; ".join(f"{suffix.lstrip('_') + ' ' if suffix else ''}codebook usage "
-                         f"{metrics['codebook_usage' + suffix]:.3f} (perplexity {metrics['perplexity' + suffix]:.1f} "
-                         f"of {model.config.num_embeddings})" for suffix in utils.level_suffixes(model.levels))
+    code_use = "; ".join(f"{label}codebook usage {metrics['codebook_usage' + suffix]:.3f} (perplexity "
+                         f"{metrics['perplexity' + suffix]:.1f} of {model.config.num_embeddings})"
+                         for suffix, label in utils.level_names(model.levels))
     print(f"{split} split, {len(slices)} slices: SSIM mean {metrics['ssim_mean']:.4f} (min {metrics['ssim_min']:.4f},"
           f" max {metrics['ssim_max']:.4f}) | PSNR {metrics['psnr_mean']:.2f} dB | MAE {metrics['mae_mean']:.4f} | "
           f"{code_use}")
@@ -157,8 +157,7 @@ def predict_prior(args: argparse.Namespace, device: torch.device, checkpoint: di
     uniform = math.log2(vqvae.config.num_embeddings)
     metrics = {f"nll_{key}": value for key, value in nll.items()}
     metrics.update({"uniform_bits_per_code": uniform, "num_images": len(slices), "split": split})
-    per_level = "".join(f"; {level} {nll[f'bits_per_code_{level}']:.3f}" for level in prior.levels
-                        if f"bits_per_code_{level}" in nll)
+    per_level = utils.format_level_bits(nll, prior.levels)
     print(f"{split} split, {len(slices)} code maps: NLL {nll['bits_per_code']:.3f} bits per code "
           f"({nll['bits_per_code'] / uniform:.0%} of the {uniform:.2f} bits of uniform guessing{per_level}), "
           f"{nll['bits_per_image']:.0f} bits per image")

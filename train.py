@@ -258,8 +258,8 @@ def save_curves(path: Path, rows: list[dict], levels: tuple[str, ...]) -> None:
 
 
 def format_epoch(epoch: int, row: dict, levels: tuple[str, ...]) -> str:
-    use = " ".join(f"{suffix.lstrip('_') + ' ' if suffix else ''}perplexity {row[f'val_perplexity{suffix}']:.1f} "
-                   f"usage {row[f'val_codebook_usage{suffix}']:.3f}" for suffix in utils.level_suffixes(levels))
+    use = " ".join(f"{label}perplexity {row[f'val_perplexity{suffix}']:.1f} usage "
+                   f"{row[f'val_codebook_usage{suffix}']:.3f}" for suffix, label in utils.level_names(levels))
     return (f"epoch {epoch:3d} | train recon {row['train_recon_loss']:.5f} vq {row['train_vq_loss']:.5f} | "
             f"val loss {row['val_loss']:.5f} ssim {row['val_ssim']:.4f} psnr {row['val_psnr']:.2f} "
             f"mae {row['val_mae']:.4f} | {use} | {row['seconds']:.0f}s")

@@ -179,8 +179,7 @@ def train_prior(args: argparse.Namespace, data: CodeData, device: torch.device, 
         rows.append(row)
         if rank == 0:
             utils.write_csv_rows(figures_dir / "metrics.csv", rows)
-            per_level = "".join(f", {level} {validation[f'bits_per_code_{level}']:.3f}" for level in prior.levels
-                                if f"bits_per_code_{level}" in validation)
+            per_level = utils.format_level_bits(validation, prior.levels)
             tqdm.write(f"prior epoch {epoch:3d} | train {train_bits:.3f} bits/code | validation {val_bits:.3f} "
                        f"bits/code ({val_bits / uniform:.0%} of uniform{per_level}), "
                        f"{validation['bits_per_image']:.0f} bits per image | {row['seconds']:.0f}s")

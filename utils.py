@@ -199,9 +199,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, epochs: int, batch_size: 
     training.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPUs after "
                           "a minute of compiling)")
     training.add_argument("--precision", choices=PRECISIONS, default="auto",
-                          help="bf16 autocast (a VQ-VAE's quantizer stays float32) or fp32; auto = bf16 on GPUs with native "
-                          "bfloat16 (compute capability 8.0+), fp32 on older GPUs and CPUs")
-    training.add_argument("--seed", type=int, default=0, help="seeds weights, shuffling (and a VQ-VAE's codebook restarts)")
+                          help="bf16 autocast (a VQ-VAE's quantizer stays float32) or fp32; auto = bf16 on GPUs "
+                          "with native bfloat16 (compute capability 8.0+), fp32 on older GPUs and CPUs")
+    training.add_argument("--seed", type=int, default=0,
+                          help="seeds weights, shuffling (and a VQ-VAE's codebook restarts)")
     training.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: auto, cuda "
                           "or cpu; each process takes the GPU of its LOCAL_RANK)")
     output = parser.add_argument_group("output")
@@ -366,6 +367,17 @@ def level_code_counts(codes: torch.Tensor | Sequence[torch.Tensor], num_codes: i
 def level_suffixes(levels: Sequence[str]) -> list[str]:
     """Metric-name suffixes per level: none for one level (names as they always were), _top and _bottom for two."""
     return [""] if len(levels) == 1 else [f"_{name}" for name in levels]
+
+
+def level_names(levels: Sequence[str]) -> list[tuple[str, str]]:
+    """(metric-name suffix, label for printing) per level: ("", "") for one level, ("_top", "top ") and so on."""
+    return [(suffix, f"{suffix[1:]} " if suffix else "") for suffix in level_suffixes(levels)]
+
+
+def format_level_bits(report: dict, levels: Sequence[str]) -> str:
+    """"; top 3.292; bottom 5.542" from a prior_report of several levels, "" for one."""
+    return "".join(f"; {level} {report[f'bits_per_code_{level}']:.3f}" for level in levels
+                   if f"bits_per_code_{level}" in report)
 
 
 def code_use(code_counts: torch.Tensor, levels: Sequence[str]) -> dict:
@@ -688,7 +700,7 @@ def code_columns(model: VQVAE | VQVAE2, codes: Sequence[torch.Tensor]) -> dict[s
 def model_code_colours(model: VQVAE | VQVAE2, columns: Sequence[str]) -> dict[str, torch.Tensor]:
     """Per code-map column, code_colours of the vectors the decoder receives for that level's codes."""
     with torch.no_grad():
-        return {column: code_colours(quantizer.from_code_space(quantizer.codebook()))
+        return {column: code_colours(quantizer.output_vectors())
                 for column, quantizer in zip(columns, model.quantizers)}
 
 
@@ -762,7 +774,7 @@ def save_level_contributions(path: str | os.PathLike, model: VQVAE2, images: tor
     quantized = [quantizer.lookup(codes) for quantizer, codes in zip(model.quantizers, model.code_maps(images))]
     means = []
     for quantizer, counts in zip(model.quantizers, code_counts.to(images.device)):
-        vectors = quantizer.from_code_space(quantizer.codebook())
+        vectors = quantizer.output_vectors()
         means.append((counts[:, None] * vectors).sum(0) / counts.sum().clamp_min(1))
     columns = {"input": images, "both levels": model.decode_levels(quantized)}
     for kept, level in enumerate(model.levels):
