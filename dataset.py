@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -36,11 +37,12 @@ Log = Callable[[str], None]
 class Preprocessing:
     """How every slice is brought to the network's input; saved in checkpoints so predict.py repeats it."""
 
-    image_size: tuple[int, int] | None = None  # (H, W); None = the most common shape in the training split
+    image_size: tuple[int, ...] | None = None  # (H, W), or (X, Y, Z) for volumes (RAS); None = the most common
     channels: int = 1
     resize: str = "fit"  # "fit": scale to fit inside, then pad; "crop": scale to cover, then centre-crop
-    slice_axis: int = 2  # for 3D NIfTI volumes
+    slice_axis: int = 2  # for 3D NIfTI volumes cut into 2D slices
     percentiles: tuple[float, float] = (0.5, 99.5)  # robust intensity range for non-8-bit images
+    spatial_dims: int = 2  # 3: whole volumes, in canonical RAS orientation and physical proportions
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,7 +62,8 @@ class BadFile(Exception):
 
 @dataclass
 class SliceSet:
-    """The preprocessed slices of one split: uint8 images [N, C, H, W] and their labels (-1 = no class folder)."""
+    """The preprocessed slices of one split: uint8 images [N, C, H, W] (volumes: [N, C, D, H, W]) and their labels
+    (-1 = no class folder)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -289,6 +292,15 @@ def read_slices(path: Path, prep: Preprocessing) -> list[np.ndarray]:
     return slices
 
 
+def _centre(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """[1, C, *S] zero-padded or cropped about its centre to [1, C, *shape] (negative padding crops)."""
+    pads: list[int] = []
+    for size, target in zip(reversed(tensor.shape[2:]), reversed(shape)):
+        missing = target - size
+        pads += [missing // 2, missing - missing // 2]
+    return F.pad(tensor, pads)
+
+
 def fit_to_shape(image: np.ndarray, shape: tuple[int, int], mode: str = "fit") -> np.ndarray:
     """Resize [C, H, W] to shape without distorting the aspect ratio: fit inside and pad, or cover and crop."""
     height, width = image.shape[-2:]
@@ -303,10 +315,7 @@ def fit_to_shape(image: np.ndarray, shape: tuple[int, int], mode: str = "fit") -
         else:
             size = (max(size[0], target_h), max(size[1], target_w))
         tensor = F.interpolate(tensor, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)
-    pad_h, pad_w = target_h - tensor.shape[-2], target_w - tensor.shape[-1]
-    # Negative padding crops: the same call centres either way.
-    tensor = F.pad(tensor, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-    return tensor[0].clamp_(0, 1).numpy()
+    return _centre(tensor, shape)[0].clamp_(0, 1).numpy()
 
 
 def slice_shape(path: Path, slice_axis: int) -> tuple[int, int] | None:
@@ -329,19 +338,115 @@ def slice_shape(path: Path, slice_axis: int) -> tuple[int, int] | None:
         return None
 
 
-def native_image_size(files: Sequence[tuple[Path, str]], multiple: int, slice_axis: int = 2) -> tuple[int, int]:
-    """The most common slice shape among files, rounded up to a multiple of the network's code cell."""
+def native_image_size(files: Sequence[tuple[Path, str]], multiple: int, slice_axis: int = 2,
+                      spatial_dims: int = 2) -> tuple[int, ...]:
+    """The most common slice shape among files (volumes: their shape in voxels of their finest spacing), rounded up
+    to a multiple of the network's code cell."""
     sample = files[:: max(1, len(files) // 500)]  # headers of a few hundred files are enough to find the mode
-    shapes = Counter(shape for path, _ in sample if (shape := slice_shape(path, slice_axis)) is not None)
+    shape_of = volume_shape if spatial_dims == 3 else lambda path: slice_shape(path, slice_axis)
+    shapes = Counter(shape for path, _ in sample if (shape := shape_of(path)) is not None)
     if not shapes:
-        raise UsageError(f"none of the files in {files[0][0].parent} can be read")
-    height, width = shapes.most_common(1)[0][0]
-    return math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple
+        kind = "3D NIfTI volumes" if spatial_dims == 3 else "readable images"
+        raise UsageError(f"none of the files in {files[0][0].parent} are {kind}")
+    return tuple(math.ceil(side / multiple) * multiple for side in shapes.most_common(1)[0][0])
+
+
+# ----------------------------------------------------------------------------- reading one volume (3D runs)
+
+def _volume_header(path: Path):
+    """The NIfTI image of a file meant as one 3D volume (data not read yet). Raises BadFile."""
+    import nibabel as nib
+
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        raise BadFile("is a 2D picture; a 3D run (--spatial-dims 3) reads NIfTI volumes")
+    try:
+        image = nib.load(str(path))
+    except Exception as error:
+        raise BadFile(f"cannot be read ({type(error).__name__}: {str(error).strip()[:120]})") from None
+    shape = list(image.shape)
+    while len(shape) > 3 and shape[-1] == 1:  # a volume stored with trailing singleton axes
+        shape.pop()
+    if len(shape) < 3 or min(shape) == 1:
+        raise BadFile(f"is a 2D slice ({'x'.join(map(str, image.shape))}); a 3D run needs volumes "
+                      "(train on slices without --spatial-dims 3)")
+    if len(shape) > 3:
+        raise BadFile(f"is {len(shape)}D ({'x'.join(map(str, image.shape))}); a 3D run takes one volume per file "
+                      "(split time series or channels into files)")
+    return image
+
+
+def _canonical_axes(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each stored axis, the canonical (RAS) axis it becomes, and the voxel spacing along each stored axis."""
+    import nibabel as nib
+
+    spacing = nib.affines.voxel_sizes(affine)
+    spacing = np.where(np.isfinite(spacing) & (spacing > 0), spacing, 1.0)  # a broken affine: take 1 mm voxels
+    return nib.orientations.io_orientation(affine)[:, 0].astype(int), spacing
+
+
+def volume_shape(path: Path) -> tuple[int, int, int] | None:
+    """A volume's shape in voxels of its finest spacing, in canonical orientation, from its header alone (None when
+    it is not a readable 3D volume): the shape it has in the network without distortion."""
+    try:
+        image = _volume_header(path)
+    except BadFile:
+        return None
+    axes, spacing = _canonical_axes(image.affine)
+    extent = np.zeros(3)
+    extent[axes] = np.array(image.shape[:3]) * spacing
+    return tuple(int(round(length)) for length in extent / spacing.min())
+
+
+def read_volume(path: Path, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """One volume as float32 [1, X, Y, Z] in [0, 1], turned to nibabel's closest canonical orientation (RAS+: the
+    axes run to the patient's right, anterior, superior), and its voxel spacing along those axes. Raises BadFile."""
+    import nibabel as nib
+
+    image = _volume_header(path)
+    try:
+        canonical = nib.as_closest_canonical(image)
+        volume = np.asarray(canonical.get_fdata(dtype=np.float32)).reshape(canonical.shape[:3])
+    except Exception as error:
+        raise BadFile(f"cannot be read ({type(error).__name__}: {str(error).strip()[:120]})") from None
+    if not np.isfinite(volume).all():
+        raise BadFile("contains NaN or infinite voxel values")
+    if volume.max() == volume.min():
+        raise BadFile(f"is constant (every voxel is {volume.flat[0]:g}): nothing to learn from")
+    scaled = volume / 255.0 if image.get_data_dtype() == np.uint8 else _scale_robust(volume, prep.percentiles)
+    return scaled[None].astype(np.float32), _canonical_axes(canonical.affine)[1]
+
+
+def fit_volume(volume: np.ndarray, spacing: Sequence[float], shape: Sequence[int], mode: str = "fit") -> np.ndarray:
+    """Resample [C, X, Y, Z] to `shape` voxels, all of one size, so that nothing is stretched in physical space:
+    the voxel size is the one at which the whole volume fits inside the shape ("fit", then zero-padded) or covers
+    it ("crop", then centre-cropped). Axes that grow are interpolated (trilinear), axes that shrink averaged."""
+    extent = np.array(volume.shape[1:]) * np.asarray(spacing, dtype=np.float64)
+    ratios = extent / np.array(shape)
+    voxel = ratios.max() if mode == "fit" else ratios.min()
+    size = [max(1, round(length / voxel)) for length in extent]
+    size = [min(side, target) if mode == "fit" else max(side, target) for side, target in zip(size, shape)]
+    tensor = torch.from_numpy(np.ascontiguousarray(volume))[None]
+    grown = [max(side, current) for side, current in zip(size, tensor.shape[2:])]
+    if grown != list(tensor.shape[2:]):
+        tensor = F.interpolate(tensor, size=grown, mode="trilinear", align_corners=False)
+    if size != grown:  # box-averaging: no aliasing where a volume shrinks
+        tensor = F.interpolate(tensor, size=size, mode="area")
+    return _centre(tensor, shape)[0].clamp_(0, 1).numpy()
+
+
+def _preprocess_volume(path: Path, prep: Preprocessing, min_side: int) -> np.ndarray:
+    volume, spacing = read_volume(path, prep)
+    if min(volume.shape[1:]) < min_side:
+        raise BadFile(f"is {'x'.join(map(str, volume.shape[1:]))} voxels, smaller than one code cell "
+                      f"({min_side}x{min_side}x{min_side})")
+    return np.round(fit_volume(volume, spacing, prep.image_size, prep.resize) * 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- loading and caching
 
 def _preprocess_file(path: Path, prep: Preprocessing, min_side: int) -> list[np.ndarray]:
+    if prep.spatial_dims == 3:
+        return [_preprocess_volume(path, prep, min_side)]
     slices = read_slices(path, prep)
     height, width = slices[0].shape[-2:]
     if min(height, width) < min_side:
@@ -357,8 +462,11 @@ def _cache_key(files: Sequence[tuple[Path, str]], prep: Preprocessing, min_side:
     return digest.hexdigest()[:16]
 
 
-def _decode_files(files: Sequence[tuple[Path, str]], prep: Preprocessing, min_side: int, description: str):
-    slices, sources, labels, skipped = [], [], [], []
+def _decode_files(files: Sequence[tuple[Path, str]], prep: Preprocessing, min_side: int, description: str,
+                  keep: Callable[[np.ndarray], None]) -> tuple[list[str], list[str], list[str]]:
+    """Decode every file, handing each preprocessed slice (or volume) to `keep` in order; returns the source and
+    label of each, and the skipped files with their problems."""
+    sources, labels, skipped = [], [], []
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # decompression and decoding release the GIL
         results = pool.map(lambda item: _try_preprocess(item[0], prep, min_side), files)
@@ -367,11 +475,12 @@ def _decode_files(files: Sequence[tuple[Path, str]], prep: Preprocessing, min_si
             if problem is not None:
                 skipped.append(f"{path}: {problem}")
                 continue
-            slices.extend(result)
+            for array in result:
+                keep(array)
             suffix = len(result) > 1
             sources.extend(f"{path}:{i}" if suffix else str(path) for i in range(len(result)))
             labels.extend([label] * len(result))
-    return slices, sources, labels, skipped
+    return sources, labels, skipped
 
 
 def _try_preprocess(path: Path, prep: Preprocessing, min_side: int):
@@ -399,7 +508,7 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def _save_stacked(path: Path, slices: list[np.ndarray]) -> None:
+def _save_stacked(path: Path, slices: Sequence[np.ndarray]) -> None:
     """Write equal-shaped arrays as one .npy, one at a time: no second copy of the data set in memory."""
     def write(tmp: str) -> None:
         stacked = np.lib.format.open_memmap(tmp, mode="w+", dtype=slices[0].dtype, shape=(len(slices),
@@ -456,14 +565,27 @@ def load_split(source: DataSource, split: str, prep: Preprocessing, cache_dir: s
 def _build_cache(source: DataSource, split: str, files: Sequence[tuple[Path, str]], prep: Preprocessing,
                  min_side: int, images_path: Path, index_path: Path, log: Log) -> None:
     start = time.perf_counter()
-    slices, sources, labels, skipped = _decode_files(files, prep, min_side, f"reading {split}")
-    seconds = time.perf_counter() - start
-    log(f"decoded {len(files)} {split} files in {seconds:.1f}s ({len(files) / max(seconds, 1e-9):.0f} files/s)")
-    _report_skipped(split, skipped, len(files), log)
-    if not slices:
-        first = f" (first problem: {skipped[0]})" if skipped else ""
-        raise UsageError(f"{source.root}: none of the {len(files)} files in the {split} split could be used{first}")
-    _save_stacked(images_path, slices)
+    images_path.parent.mkdir(parents=True, exist_ok=True)
+    # Decoded items go straight to a scratch file (removed with the other leftovers if the build is killed), so
+    # that a data set larger than memory (volumes) is never held in memory at once.
+    with tempfile.NamedTemporaryFile(dir=images_path.parent, prefix=f".{images_path.name}.",
+                                     suffix=".decoded.tmp") as scratch:
+        shapes: list[tuple[int, ...]] = []
+
+        def keep(array: np.ndarray) -> None:
+            scratch.write(np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+            shapes.append(array.shape)
+
+        sources, labels, skipped = _decode_files(files, prep, min_side, f"reading {split}", keep)
+        seconds = time.perf_counter() - start
+        log(f"decoded {len(files)} {split} files in {seconds:.1f}s ({len(files) / max(seconds, 1e-9):.0f} files/s)")
+        _report_skipped(split, skipped, len(files), log)
+        if not shapes:
+            first = f" (first problem: {skipped[0]})" if skipped else ""
+            raise UsageError(f"{source.root}: none of the {len(files)} files in the {split} split could be used"
+                             f"{first}")
+        scratch.flush()
+        _save_stacked(images_path, np.memmap(scratch.name, dtype=np.uint8, mode="r", shape=(len(shapes), *shapes[0])))
     index = {"sources": sources, "labels": labels, "skipped": skipped}
     atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index)))  # written last: vouches for both
 
@@ -628,6 +750,23 @@ def checkpoint_data(checkpoint: dict, override: str | None = None, log: Log = pr
     return source
 
 
+def evaluation_data(checkpoint: dict, override: str | None = None, log: Log = print) -> DataSource:
+    """What to evaluate a VQ-VAE checkpoint on: its own splits (checkpoint_data), or another data folder's (with
+    `override`). A single file, or a folder with no split folders other than the checkpoint's own, is evaluated
+    whole, as its "test" split."""
+    path = None if override is None else Path(override).expanduser().resolve()
+    if path is not None and path.is_file():
+        return DataSource(path.parent, {"test": [(path, "")]}, [f"evaluating the single file {path}"])
+    own_root = checkpoint.get("data", {}).get("root")
+    if path is not None and path.is_dir() and str(path) != own_root and not _split_folders(path) \
+            and not any((path / name).is_dir() for name in DATA_FOLDERS):
+        files = list_images(path)
+        if not files:
+            raise UsageError(f"{path}: no images found (looked for {', '.join(NIFTI_SUFFIXES + PICTURE_SUFFIXES)})")
+        return DataSource(path, {"test": files}, [f"no split folders in {path}: evaluating all its {len(files)} files"])
+    return checkpoint_data(checkpoint, override, log)
+
+
 def data_dir_of(checkpoint: dict, override: str | None = None, log: Log = print) -> Path:
     """The data folder a checkpoint was trained on (or `override`), regenerating the demo data if it is gone."""
     if override is not None:
@@ -636,7 +775,8 @@ def data_dir_of(checkpoint: dict, override: str | None = None, log: Log = print)
     if "root" not in recorded:
         raise UsageError("the checkpoint does not record its data folder: pass --data")
     if recorded.get("demo"):  # regenerated if deleted: it is deterministic
-        return make_demo_data(Path(recorded["root"]).parent, log=log)
+        volumes = checkpoint.get("preprocessing", {}).get("spatial_dims", 2) == 3
+        return make_demo_data(Path(recorded["root"]).parent, log=log, volumes=volumes)
     return Path(recorded["root"])
 
 
@@ -645,6 +785,9 @@ def data_dir_of(checkpoint: dict, override: str | None = None, log: Log = print)
 DEMO_SHAPE = (128, 64)
 DEMO_COUNTS = {"train": 2000, "validate": 200, "test": 200}
 DEMO_SLICES_PER_CASE = 40
+DEMO_VOLUME_SHAPE = (32, 32, 32)  # X, Y, Z voxels (right, anterior, superior)
+DEMO_VOXEL_MM = 4.0  # a 128 mm field of view
+DEMO_VOLUME_COUNTS = {"train": 640, "validate": 40, "test": 40}
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cutoff: float) -> np.ndarray:
@@ -703,33 +846,60 @@ def make_phantom(case_rng_seed: int, position: float, shape: tuple[int, int] = D
     return (magnitude * (800 + 400 * case.random())).astype(np.float32)  # arbitrary scanner units
 
 
-def make_demo_data(root: str | Path, counts: dict[str, int] | None = None, shape: tuple[int, int] = DEMO_SHAPE,
-                   seed: int = 0, log: Log = print) -> Path:
-    """Write the synthetic phantom set once, deterministically, as 2D NIfTI in the HipMRI layout."""
-    counts = counts or DEMO_COUNTS
-    data_dir = Path(root).resolve() / "keras_slices_data"
+def make_demo_data(root: str | Path, counts: dict[str, int] | None = None, shape: Sequence[int] | None = None,
+                   seed: int = 0, log: Log = print, volumes: bool = False) -> Path:
+    """Write the synthetic phantom set once, deterministically: 2D NIfTI slices in the HipMRI layout, or with
+    volumes=True whole 3D NIfTI volumes (one per case: the phantom's consecutive positions) in volumes_<split>/."""
+    counts = counts or (DEMO_VOLUME_COUNTS if volumes else DEMO_COUNTS)
+    shape = tuple(shape or (DEMO_VOLUME_SHAPE if volumes else DEMO_SHAPE))
+    data_dir = Path(root).resolve() / ("demo_volumes" if volumes else "keras_slices_data")
     marker = data_dir / ".complete.json"
     settings = {"counts": counts, "shape": list(shape), "seed": seed, "version": 1}
+    writer = _write_demo_volumes if volumes else _write_demo_data
 
     def write() -> None:
-        _write_demo_data(data_dir, counts, shape, seed, log)
+        writer(data_dir, counts, shape, seed, log)
         atomic_write(marker, lambda tmp: Path(tmp).write_text(json.dumps(settings)))  # written last: vouches for all
 
     build_once(lambda: marker.exists() and json.loads(marker.read_text()) == settings, write, [marker], log)
     return data_dir
 
 
+DEMO_CASE_OFFSETS = {"train": 0, "validate": 10_000, "test": 20_000}  # no case in two splits
+
+
 def _write_demo_data(data_dir: Path, counts: dict[str, int], shape: tuple[int, int], seed: int, log: Log) -> None:
     import nibabel as nib
 
     log(f"generating the built-in demo data (synthetic pelvis-like MRI phantoms) in {data_dir} ...")
-    case_offset = {"train": 0, "validate": 10_000, "test": 20_000}
     for split, count in counts.items():
         folder = data_dir / f"keras_slices_{split}"
         folder.mkdir(parents=True, exist_ok=True)
         for index in progress_bar(range(count), desc=f"demo {split}", unit="slice"):
             case, slice_index = divmod(index, DEMO_SLICES_PER_CASE)
-            image = make_phantom(seed * 1_000_003 + case_offset[split] + case, slice_index / DEMO_SLICES_PER_CASE,
-                                 shape)
+            image = make_phantom(seed * 1_000_003 + DEMO_CASE_OFFSETS[split] + case,
+                                 slice_index / DEMO_SLICES_PER_CASE, shape)
             path = folder / f"case_{case:03d}_week_0_slice_{slice_index}.nii.gz"
             nib.save(nib.Nifti1Image(image, np.eye(4)), str(path))
+
+
+def make_phantom_volume(case_rng_seed: int, shape: Sequence[int] = DEMO_VOLUME_SHAPE) -> np.ndarray:
+    """One case's phantom as a volume [X, Y, Z] in RAS order: its axial slices (make_phantom at consecutive
+    positions) stacked from inferior to superior, each turned so that its rows run posterior to anterior."""
+    columns, rows, depth = shape
+    slices = [make_phantom(case_rng_seed, z / depth, (rows, columns)) for z in range(depth)]
+    return np.stack([np.flipud(image).T for image in slices], axis=-1)  # image row 0 is anterior (display top)
+
+
+def _write_demo_volumes(data_dir: Path, counts: dict[str, int], shape: tuple[int, int, int], seed: int,
+                        log: Log) -> None:
+    import nibabel as nib
+
+    log(f"generating the built-in 3D demo data (synthetic pelvis-like MRI phantom volumes) in {data_dir} ...")
+    for split, count in counts.items():
+        folder = data_dir / f"volumes_{split}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for case in progress_bar(range(count), desc=f"demo {split}", unit="volume"):
+            volume = make_phantom_volume(seed * 1_000_003 + DEMO_CASE_OFFSETS[split] + case, shape)
+            nib.save(nib.Nifti1Image(volume, np.diag([DEMO_VOXEL_MM] * 3 + [1.0])),
+                     str(folder / f"case_{case:03d}_week_0.nii.gz"))

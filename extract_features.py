@@ -1,4 +1,5 @@
-"""Turn every slice into codes and fixed-length features with a trained VQ-VAE; optionally probe them with labels.
+"""Turn every slice (or volume, with a 3D model) into codes and fixed-length features with a trained VQ-VAE;
+optionally probe them with labels.
 
     python extract_features.py -m checkpoints/<run>.pth --out features.npz
     python extract_features.py -m checkpoints/<run>.pth --probe --metrics-json probe.json
@@ -6,7 +7,8 @@
 Feature sets per slice (every level of a two-level model, concatenated), written to the .npz under these names:
   bag          the normalised histogram of the codes it uses (K per level)
   pooled       its code vectors averaged and max-pooled over the slice (2D per level)
-  grid         its code vectors averaged over a 2x2 and a 4x4 grid of the slice, a small spatial pyramid (20D)
+  grid         its code vectors averaged over a 2x2 and a 4x4 grid of the slice, a small spatial pyramid (20D;
+               volumes: 2x2x2 and 4x4x4, 72D)
   latent       the encoder's continuous output before quantization, averaged and max-pooled (2D per level)
   latent_grid  that continuous output averaged over the 2x2 and 4x4 grids (20D per level)
   pixels       the raw slice average-pooled to the code-map size: the baseline
@@ -19,10 +21,10 @@ first feature set. It reports each accuracy's mean and standard deviation over t
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -77,9 +79,15 @@ class SplitFeatures:
         return torch.cat([self.sets[part] for part in name.split("+")], dim=1)
 
 
+def average_pool(maps: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
+    """[B, C, *S] averaged over a grid of `size` cells per side (2D or 3D)."""
+    pool = F.adaptive_avg_pool3d if maps.dim() == 5 else F.adaptive_avg_pool2d
+    return pool(maps, size)
+
+
 def pyramid(maps: torch.Tensor) -> torch.Tensor:
-    """[B, D, h, w] averaged over each grid of GRIDS: [B, D * (4 + 16)]."""
-    return torch.cat([F.adaptive_avg_pool2d(maps, size).flatten(1) for size in GRIDS], dim=1)
+    """[B, D, *S] averaged over each grid of GRIDS: [B, D * (4 + 16)] (volumes: [B, D * (8 + 64)])."""
+    return torch.cat([average_pool(maps, size).flatten(1) for size in GRIDS], dim=1)
 
 
 def mean_and_max(maps: torch.Tensor) -> torch.Tensor:
@@ -101,17 +109,17 @@ def level_features(quantizer, codes: torch.Tensor, latents: torch.Tensor) -> dic
 
 def feature_size(name: str, config) -> int:
     """How many numbers a feature set (or several joined by '+') has per slice."""
-    grid_cells = sum(size * size for size in GRIDS)
+    grid_cells = sum(size**config.spatial_dims for size in GRIDS)
     per_level = {"bag": config.num_embeddings, "pooled": 2 * config.embedding_dim,
                  "grid": grid_cells * config.embedding_dim, "latent": 2 * config.embedding_dim,
                  "latent_grid": grid_cells * config.embedding_dim}
     return config.levels * sum(per_level[part] for part in name.split("+"))
 
 
-def matched_grid(size: int, channels: int, image_shape: tuple[int, int]) -> tuple[int, int]:
-    """The pooling grid that gives raw pixels about `size` numbers (at most the image itself)."""
-    side = max(1, round(math.sqrt(size / channels)))
-    return min(side, image_shape[0]), min(side, image_shape[1])
+def matched_grid(size: int, channels: int, image_shape: Sequence[int]) -> tuple[int, ...]:
+    """The pooling grid that gives raw pixels (or voxels) about `size` numbers (at most the image itself)."""
+    side = max(1, round((size / channels) ** (1 / len(image_shape))))
+    return tuple(min(side, extent) for extent in image_shape)
 
 
 @torch.no_grad()
@@ -121,7 +129,7 @@ def split_features(model: VQVAE | VQVAE2, slices: SliceSet, device: torch.device
     features. matched_size > 0 adds "pixels_matched": the slices pooled to about that many numbers."""
     model.eval()
     codes = encode_split(model, slices, device, cache_dir, batch_size)
-    channels, image_shape = slices.images.shape[1], tuple(slices.images.shape[-2:])
+    channels, image_shape = slices.images.shape[1], tuple(slices.images.shape[2:])
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(slices), batch_size):
         images = slices.as_float(slice(start, start + batch_size))
@@ -129,10 +137,9 @@ def split_features(model: VQVAE | VQVAE2, slices: SliceSet, device: torch.device
         per_level = [level_features(quantizer, level[start:start + batch_size].to(device).long(), level_latents)
                      for quantizer, level, level_latents in zip(model.quantizers, codes, latents)]
         batch = {name: torch.cat([level[name] for level in per_level], dim=1).cpu() for name in FEATURE_SETS}
-        batch["pixels"] = F.avg_pool2d(images, model.config.scale).flatten(1)
+        batch["pixels"] = average_pool(images, [side // model.config.scale for side in image_shape]).flatten(1)
         if matched_size:
-            batch["pixels_matched"] = F.adaptive_avg_pool2d(
-                images, matched_grid(matched_size, channels, image_shape)).flatten(1)
+            batch["pixels_matched"] = average_pool(images, matched_grid(matched_size, channels, image_shape)).flatten(1)
         for name, values in batch.items():
             parts.setdefault(name, []).append(values)
     return SplitFeatures(slices, codes, {name: torch.cat(values) for name, values in parts.items()})

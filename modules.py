@@ -30,10 +30,12 @@ class VQVAEConfig:
     lookup_dim: int = 16  # > 0: search the codebook in this many dimensions, projected from and back to D; 0 = in D
     estimator: str = "straight_through"  # how gradients pass the quantizer: "straight_through" or "rotation"
     levels: int = 1  # 2: VQ-VAE-2, a top code map one halving coarser above the bottom one (at `downsamples`)
+    spatial_dims: int = 2  # 2: images [B, C, H, W]; 3: volumes [B, C, D, H, W], the same networks with 3D kernels
 
     # What checkpoints written before an option existed were trained with: they load as they were trained, whatever
     # today's defaults are.
-    LEGACY = {"code_distance": "euclidean", "lookup_dim": 0, "estimator": "straight_through", "levels": 1}
+    LEGACY = {"code_distance": "euclidean", "lookup_dim": 0, "estimator": "straight_through", "levels": 1,
+              "spatial_dims": 2}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +57,11 @@ class VQVAEConfig:
     def image_multiple(self) -> int:
         """Image sides must be multiples of this: the coarsest level's code size."""
         return 2 ** (self.downsamples + self.levels - 1)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """Channels-last layout of the model's inputs and weights: faster convolutions on CPU and GPU."""
+        return torch.channels_last if self.spatial_dims == 2 else torch.channels_last_3d
 
 
 DISTANCE_ELEMENTS = 2**24  # the most entries of the vector-to-code distance matrix held at once (64 MB)
@@ -109,6 +116,24 @@ def _draw(population: int, count: int, device: torch.device) -> torch.Tensor:
     return torch.randint(0, population, (count,), device=device)
 
 
+def conv(spatial_dims: int, *args, transposed: bool = False, **kwargs) -> nn.Module:
+    """A 2D or 3D convolution (MONAI's spatial_dims): one network definition serves images and volumes."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    kinds = {2: (nn.Conv2d, nn.ConvTranspose2d), 3: (nn.Conv3d, nn.ConvTranspose3d)}
+    return kinds[spatial_dims][transposed](*args, **kwargs)
+
+
+def channels_last(tensor: torch.Tensor) -> torch.Tensor:
+    """[B, C, *S] as [B, *S, C]."""
+    return tensor.movedim(1, -1)
+
+
+def channels_first(tensor: torch.Tensor) -> torch.Tensor:
+    """[B, *S, C] as [B, C, *S], a view: channels-last in memory, as the convolutions around it prefer."""
+    return tensor.movedim(-1, 1)
+
+
 def _norm(channels: int, kind: str) -> nn.Module:
     if kind == "group":
         return nn.GroupNorm(min(32, channels // 4) or 1, channels)
@@ -118,13 +143,13 @@ def _norm(channels: int, kind: str) -> nn.Module:
 class ResidualLayer(nn.Module):
     """x + 1x1(ReLU(3x3(ReLU(x))))."""
 
-    def __init__(self, channels: int, residual_channels: int, normalization: str):
+    def __init__(self, channels: int, residual_channels: int, normalization: str, spatial_dims: int = 2):
         super().__init__()
         self.block = nn.Sequential(
             _norm(channels, normalization), nn.ReLU(),
-            nn.Conv2d(channels, residual_channels, 3, padding=1, bias=False),
+            conv(spatial_dims, channels, residual_channels, 3, padding=1, bias=False),
             nn.ReLU(),
-            nn.Conv2d(residual_channels, channels, 1, bias=False),
+            conv(spatial_dims, residual_channels, channels, 1, bias=False),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,8 +157,10 @@ class ResidualLayer(nn.Module):
 
 
 class ResidualStack(nn.Sequential):
-    def __init__(self, channels: int, residual_channels: int, num_layers: int, normalization: str):
-        layers = [ResidualLayer(channels, residual_channels, normalization) for _ in range(num_layers)]
+    def __init__(self, config: VQVAEConfig):
+        channels = config.hidden_channels
+        layers = [ResidualLayer(channels, config.residual_channels, config.normalization, config.spatial_dims)
+                  for _ in range(config.num_residual_layers)]
         super().__init__(*layers, nn.ReLU())
 
 
@@ -153,17 +180,17 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = []
         channels = config.in_channels if in_channels is None else in_channels
         for step, width in enumerate(widths):
-            layers.append(nn.Conv2d(channels, width, 4, stride=2, padding=1))
+            layers.append(conv(config.spatial_dims, channels, width, 4, stride=2, padding=1))
             if step < len(widths) - 1:
                 layers += [_norm(width, config.normalization), nn.ReLU()]
             channels = width
         layers += [
             nn.ReLU(),
-            nn.Conv2d(channels, hidden, 3, padding=1),
-            ResidualStack(hidden, config.residual_channels, config.num_residual_layers, config.normalization),
+            conv(config.spatial_dims, channels, hidden, 3, padding=1),
+            ResidualStack(config),
         ]
         if out_channels:
-            layers.append(nn.Conv2d(hidden, out_channels, 1))
+            layers.append(conv(config.spatial_dims, hidden, out_channels, 1))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -180,17 +207,18 @@ class Decoder(nn.Module):
         hidden = config.hidden_channels
         upsamples = config.downsamples if upsamples is None else upsamples
         widths = [max(hidden // 2 ** (step + 1), 16) for step in range(upsamples - 1)]
+        in_channels = config.embedding_dim if in_channels is None else in_channels
         layers: list[nn.Module] = [
-            nn.Conv2d(config.embedding_dim if in_channels is None else in_channels, hidden, 3, padding=1),
-            ResidualStack(hidden, config.residual_channels, config.num_residual_layers, config.normalization),
+            conv(config.spatial_dims, in_channels, hidden, 3, padding=1),
+            ResidualStack(config),
         ]
         channels = hidden
         for width in widths:
-            layers += [nn.ConvTranspose2d(channels, width, 4, stride=2, padding=1),
+            layers += [conv(config.spatial_dims, channels, width, 4, stride=2, padding=1, transposed=True),
                        _norm(width, config.normalization), nn.ReLU()]
             channels = width
         out_channels = config.in_channels if out_channels is None else out_channels
-        layers.append(nn.ConvTranspose2d(channels, out_channels, 4, stride=2, padding=1))
+        layers.append(conv(config.spatial_dims, channels, out_channels, 4, stride=2, padding=1, transposed=True))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
@@ -198,7 +226,8 @@ class Decoder(nn.Module):
 
 
 class VectorQuantizer(nn.Module):
-    """Nearest-code quantisation: forward(latents [B, D, H, W]) -> (quantized [B, D, H, W], indices [B, H, W], loss).
+    """Nearest-code quantisation: forward(latents [B, D, *S]) -> (quantized [B, D, *S], indices [B, *S], loss), for
+    any number of spatial dimensions S (an image's H, W or a volume's D, H, W).
 
     With quantizer="ema" the codebook follows moving averages of the encoder outputs assigned to each code
     (Laplace-smoothed cluster sizes) and the loss is only beta * commitment; with "gradient" the loss is
@@ -281,19 +310,19 @@ class VectorQuantizer(nn.Module):
                           for chunk in flat.split(rows)])
 
     def nearest_vectors(self, latents: torch.Tensor) -> torch.Tensor:
-        """The quantized [B, D, H, W] of latents, with nothing updated and no loss (for seeding and inspection)."""
-        flat = self.to_code_space(latents.float().permute(0, 2, 3, 1).reshape(-1, self.embedding_dim))
+        """The quantized [B, D, *S] of latents, with nothing updated and no loss (for seeding and inspection)."""
+        flat = self.to_code_space(_rows(latents.float()))
         return self.lookup(self.nearest_codes(flat).view(latents.shape[0], *latents.shape[2:]))
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code vectors for indices [B, H, W] as a [B, D, H, W] tensor, channels-last in memory (as the
-        convolutions around it prefer: no copy)."""
-        return self.from_code_space(F.embedding(indices, self.codebook())).permute(0, 3, 1, 2)
+        """Code vectors for indices [B, *S] as a [B, D, *S] tensor, channels-last in memory (as the convolutions
+        around it prefer: no copy)."""
+        return channels_first(self.from_code_space(F.embedding(indices, self.codebook())))
 
     def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.autocast(device_type=latents.device.type, enabled=False):
-            batch, _, height, width = latents.shape
-            flat = self.to_code_space(latents.float().permute(0, 2, 3, 1).reshape(-1, self.embedding_dim))
+            batch, _, *spatial = latents.shape
+            flat = self.to_code_space(_rows(latents.float()))
             if self.training:
                 self._restart_dead_codes()
             indices = self.nearest_codes(flat.detach())
@@ -304,8 +333,8 @@ class VectorQuantizer(nn.Module):
             if not self.use_ema:
                 loss = loss + F.mse_loss(codes, flat.detach())
             passed = rotate_onto(flat, codes) if self.rotation else flat + (codes - flat).detach()
-            quantized = self.from_code_space(passed).view(batch, height, width, self.embedding_dim)
-        return quantized.permute(0, 3, 1, 2), indices.view(batch, height, width), loss
+            quantized = self.from_code_space(passed).view(batch, *spatial, self.embedding_dim)
+        return channels_first(quantized), indices.view(batch, *spatial), loss
 
     @torch.no_grad()
     def _update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
@@ -381,8 +410,8 @@ def make_quantizer(config: VQVAEConfig) -> VectorQuantizer:
 
 
 def _rows(latents: torch.Tensor) -> torch.Tensor:
-    """[B, D, H, W] latents as [B H W, D] vectors."""
-    return latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    """[B, D, *S] latents as [B prod(S), D] vectors."""
+    return channels_last(latents).reshape(-1, latents.shape[1])
 
 
 class _CodeLevels(nn.Module):
@@ -472,9 +501,9 @@ class VQVAE2(_CodeLevels):
         self.top_encoder = Encoder(config, in_channels=hidden, downsamples=1)  # -> top latents at 1/2s
         self.top_quantizer = make_quantizer(config)
         self.top_decoder = Decoder(config, upsamples=1, out_channels=dim)  # top codes -> features at 1/s
-        self.bottom_projection = nn.Conv2d(hidden + dim, dim, 1)
+        self.bottom_projection = conv(config.spatial_dims, hidden + dim, dim, 1)
         self.bottom_quantizer = make_quantizer(config)
-        self.upsample_top = nn.ConvTranspose2d(dim, dim, 4, stride=2, padding=1)
+        self.upsample_top = conv(config.spatial_dims, dim, dim, 4, stride=2, padding=1, transposed=True)
         self.decoder = Decoder(config, in_channels=2 * dim)
 
     @property

@@ -1,6 +1,7 @@
 """Evaluate a trained VQ-VAE (or PixelCNN prior) on the test split and draw what it does.
 
     python predict.py -m checkpoints/<run>.pth [--data DIR] [--metrics-json metrics.json]
+    python predict.py -m checkpoints/<run>.pth --data scan.nii.gz          # any file, or folder of files
     python predict.py -m checkpoints/<run>-prior.pth --sample 16 [--temperature 1.0] [--label CLASS]
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 
 import utils
-from dataset import BatchLoader, Preprocessing, checkpoint_data, encode_split, load_split, prior_evaluation_loaders
+from dataset import BatchLoader, Preprocessing, checkpoint_data, encode_split, evaluation_data, load_split, \
+    prior_evaluation_loaders
 from modules import stack_levels
 from utils import UsageError
 
@@ -23,11 +25,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("-m", "--model", required=True,
                         help="checkpoint written by train.py (VQ-VAE) or train_prior.py (prior)")
-    parser.add_argument("--data", help="data folder; default: the one the checkpoint was trained on")
+    parser.add_argument("--data", help="data folder (a folder without split folders, or a single file, is evaluated "
+                        "whole); default: the one the checkpoint was trained on")
     parser.add_argument("--split", choices=("test", "validate", "train"), default="test",
                         help="split to evaluate (test falls back to validate when there is none)")
     parser.add_argument("--metrics-json", help="also write the metrics to this JSON file")
-    parser.add_argument("--examples", type=int, default=8, help="slices shown in the reconstruction figure")
+    parser.add_argument("--examples", type=int, help="slices (default 8) or volumes (default 3, each in three "
+                        "planes) shown in the reconstruction figure")
     parser.add_argument("--batch-size", type=int, default=64, help="slices per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--cache-dir", default=".cache/slices", help="where decoded slices and code maps are cached")
@@ -58,9 +62,12 @@ def main(argv: list[str] | None = None) -> dict:
         return predict_prior(args, device, checkpoint)
     model, checkpoint = utils.load_vqvae(args.model, device, checkpoint)
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
-    source = checkpoint_data(checkpoint, args.data)
+    source = evaluation_data(checkpoint, args.data)
+    for note in source.notes[:1] if args.data else []:
+        print(note)
     split = choose_split(source.files, args.split)
     slices = load_split(source, split, prep, args.cache_dir, min_side=model.config.image_multiple)
+    items, dims = ("volumes", 3) if model.config.spatial_dims == 3 else ("slices", 2)
     loader = BatchLoader(slices.images, slices.labels, args.batch_size, shuffle=False, device=device)
     results = utils.evaluate_vqvae(model, loader, description=split)
 
@@ -72,22 +79,25 @@ def main(argv: list[str] | None = None) -> dict:
     code_use = "; ".join(f"{label}codebook usage {metrics['codebook_usage' + suffix]:.3f} (perplexity "
                          f"{metrics['perplexity' + suffix]:.1f} of {model.config.num_embeddings})"
                          for suffix, label in utils.level_names(model.levels))
-    print(f"{split} split, {len(slices)} slices: SSIM mean {metrics['ssim_mean']:.4f} (min {metrics['ssim_min']:.4f},"
-          f" max {metrics['ssim_max']:.4f}) | PSNR {metrics['psnr_mean']:.2f} dB | MAE {metrics['mae_mean']:.4f} | "
+    print(f"{split} split, {len(slices)} {items}: {'3D ' if dims == 3 else ''}SSIM mean {metrics['ssim_mean']:.4f} "
+          f"(min {metrics['ssim_min']:.4f}, max {metrics['ssim_max']:.4f}) | PSNR {metrics['psnr_mean']:.2f} dB | "
+          f"MAE {metrics['mae_mean']:.4f} | "
           f"{code_use}")
     if args.metrics_json:
         utils.write_json(args.metrics_json, metrics)
 
     figures = Path(args.resources_dir) / Path(args.model).stem
-    shown = slices.as_float(torch.linspace(0, len(slices) - 1, min(args.examples, len(slices))).long()).to(device)
+    examples = args.examples or (3 if dims == 3 else 8)
+    shown = slices.as_float(torch.linspace(0, len(slices) - 1, min(examples, len(slices))).long()).to(device)
     utils.save_reconstructions(figures / f"{split}_reconstructions.png", model, shown,
-                               f"{split} slices: input | code map{'s' if len(model.levels) > 1 else ''} | "
-                               "reconstruction")
+                               f"{split} {items}: input | code map{'s' if len(model.levels) > 1 else ''} | "
+                               "reconstruction" + (" (mid-planes)" if dims == 3 else ""))
     if len(model.levels) > 1:
         utils.save_level_contributions(figures / f"{split}_levels.png", model, shown, results["code_counts"],
-                                       f"{split} slices: what each level carries (the other held at its mean code)")
+                                       f"{split} {items}: what each level carries (the other held at its mean code)")
     utils.save_histogram(figures / f"{split}_ssim_histogram.png", ssim.numpy(),
-                         f"per-slice SSIM on the {split} split (mean {metrics['ssim_mean']:.3f})", "SSIM")
+                         f"per-{items[:-1]} {'3D ' if dims == 3 else ''}SSIM on the {split} split "
+                         f"(mean {metrics['ssim_mean']:.3f})", "SSIM")
     utils.save_code_usage_figure(figures / f"{split}_code_usage.png", results["code_counts"], model.levels,
                                  f"code use on the {split} split ({model.config.num_embeddings} codes per level)")
     print(f"figures in {figures}/")

@@ -1,6 +1,7 @@
-"""Train a VQ-VAE on 2D MRI slices.
+"""Train a VQ-VAE on 2D MRI slices, or on whole 3D volumes.
 
     python train.py                                        # built-in demo phantoms, CPU-friendly
+    python train.py --spatial-dims 3                       # built-in demo phantom volumes, 3D convolutions
     python train.py --data /path/to/keras_slices_data --epochs 30
     torchrun --nproc_per_node=4 train.py --data DIR        # one process per GPU
     python train.py --resume checkpoints/<run>-last.pth    # continue a killed run exactly
@@ -27,7 +28,7 @@ from modules import VQVAE, VQVAE2, VQVAEConfig, build_vqvae
 from utils import UsageError, progress_bar
 
 DEFAULT_DEMO_DIR = "data/demo"
-RECONSTRUCTION_EXAMPLES = 6
+RECONSTRUCTION_EXAMPLES = {2: 6, 3: 2}  # slices, or volumes (each shown in three planes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--data", help="data folder (HipMRI, OASIS or train/val/test layout); none = built-in demo")
     data.add_argument("--demo-dir", default=DEFAULT_DEMO_DIR, help="where the demo data is generated")
+    data.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2,
+                      help="2: 2D slices (3D files are cut into slices); 3: whole 3D NIfTI volumes, brought to RAS "
+                      "orientation and fitted in physical proportion (voxel spacing from the header)")
     data.add_argument("--image-size", type=int, nargs="+", metavar="N",
-                      help="H W, or one N for N x N; default: the most common slice shape in the training split")
+                      help="H W (volumes: X Y Z, along the right, anterior and superior axes), or one N for all "
+                      "sides; default: the most common shape in the training split (volumes: in voxels of their "
+                      "finest spacing)")
     data.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1 = grayscale, 3 = RGB")
     data.add_argument("--resize", choices=("fit", "crop"), default="fit",
                       help="keep the aspect ratio: fit inside and pad, or cover and centre-crop")
@@ -94,13 +100,28 @@ def build_config(args: argparse.Namespace) -> VQVAEConfig:
                        embedding_dim=args.embedding_dim, beta=args.beta, quantizer=args.quantizer,
                        ema_decay=args.ema_decay, dead_code_threshold=args.dead_code_threshold,
                        normalization=args.normalization, code_distance=args.code_distance,
-                       lookup_dim=args.lookup_dim, estimator=args.estimator, levels=args.levels)
+                       lookup_dim=args.lookup_dim, estimator=args.estimator, levels=args.levels,
+                       spatial_dims=args.spatial_dims)
 
 
-def check_image_size(size: tuple[int, int], multiple: int) -> None:
+def check_image_size(size: tuple[int, ...], multiple: int) -> None:
     if any(side % multiple or side < max(multiple, 8) for side in size):
-        raise UsageError(f"--image-size {size[0]} {size[1]}: each side must be a multiple of {multiple} "
+        raise UsageError(f"--image-size {' '.join(map(str, size))}: each side must be a multiple of {multiple} "
                          f"(the coarsest code's size: 2**(downsamples + levels - 1)) and at least {max(multiple, 8)}")
+
+
+def image_size_option(size: list[int], spatial_dims: int) -> tuple[int, ...]:
+    """--image-size as one side per spatial dimension."""
+    if len(size) == 1:
+        return tuple(size * spatial_dims)
+    if len(size) != spatial_dims:
+        sides = "two (H W)" if spatial_dims == 2 else "three (X Y Z)"
+        raise UsageError(f"--image-size takes one number (all sides alike) or {sides}")
+    return tuple(size)
+
+
+def items_name(spatial_dims: int) -> str:
+    return "volumes" if spatial_dims == 3 else "slices"
 
 
 @dataclass
@@ -114,8 +135,11 @@ class TrainingData:
 def prepare_data(args: argparse.Namespace, multiple: int, log: Callable[[str], None] = print) -> TrainingData:
     """Find, decode and cache both splits. Under torchrun every process calls this before the process group
     starts: one process per cache decodes while the others wait on its file lock, so no collective times out."""
+    dims = args.spatial_dims
+    if dims == 3 and args.channels != 1:
+        raise UsageError("--spatial-dims 3 reads one-channel volumes: leave --channels at 1")
     if args.data is None:
-        data_dir = make_demo_data(args.demo_dir, log=log)
+        data_dir = make_demo_data(args.demo_dir, log=log, volumes=dims == 3)
         log(f"no --data given: training on the built-in DEMO data (synthetic phantoms, not real MRI) in {data_dir}."
             "\n  For real scans: python train.py --data /path/to/keras_slices_data (HipMRI) "
             "or /path/to/keras_png_slices_data (OASIS)")
@@ -125,22 +149,22 @@ def prepare_data(args: argparse.Namespace, multiple: int, log: Callable[[str], N
     for note in source.notes:
         log(note)
     if args.image_size is None:
-        image_size = native_image_size(source.files["train"], multiple, args.slice_axis)
-        log(f"image size {image_size[0]}x{image_size[1]} (the most common slice shape, padded to a multiple of "
-            f"{multiple}); set --image-size to change it")
+        image_size = native_image_size(source.files["train"], multiple, args.slice_axis, dims)
+        log(f"image size {'x'.join(map(str, image_size))} (the most common "
+            f"{'volume shape in voxels of its finest spacing' if dims == 3 else 'slice shape'}, padded to a "
+            f"multiple of {multiple}); set --image-size to change it")
     else:
-        image_size = tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size)
-        if len(image_size) != 2:
-            raise UsageError("--image-size takes one number (square) or two (H W)")
+        image_size = image_size_option(args.image_size, dims)
     check_image_size(image_size, multiple)
     prep = Preprocessing(image_size=image_size, channels=args.channels, resize=args.resize,
-                         slice_axis=args.slice_axis)
+                         slice_axis=args.slice_axis, spatial_dims=dims)
     splits = [load_split(source, split, prep, args.cache_dir, min_side=multiple, log=log)
               for split in ("train", "validate")]
-    log(f"train: {len(splits[0])} slices, validation: {len(splits[1])} slices, {image_size[0]}x{image_size[1]}")
+    items = items_name(dims)
+    log(f"train: {len(splits[0])} {items}, validation: {len(splits[1])} {items}, {'x'.join(map(str, image_size))}")
     processes = utils.launched_world_size()
     if len(splits[0]) < processes:
-        raise UsageError(f"the training split has {len(splits[0])} slices, fewer than the {processes} processes "
+        raise UsageError(f"the training split has {len(splits[0])} {items}, fewer than the {processes} processes "
                          "torchrun started: use fewer processes (--nproc_per_node) or more data")
     return TrainingData(source, prep, *splits)
 
@@ -298,7 +322,8 @@ def silent(*_args, **_kwargs) -> None:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if "--prior" in argv:
-        raise UsageError("the prior has its own script now: python train_prior.py -m VQVAE_CHECKPOINT")
+        raise UsageError("the prior has its own script now: python train_prior.py -m VQVAE_CHECKPOINT (it models the "
+                         "codes of 2D checkpoints only, not of --spatial-dims 3 ones)")
     args = utils.absolute_paths(build_parser().parse_args(argv), ("data", "demo_dir", "cache_dir", "checkpoint_dir",
                                                                   "resources_dir"))
     resumed = None
@@ -322,13 +347,14 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
     is_main = rank == 0
     torch.backends.cudnn.benchmark = True
     prep = data.prep
+    shape = "x".join(map(str, prep.image_size))
     run_name = args.run_name or (f"{'demo' if args.data is None else Path(data.source.root).name}-"
-                                 f"{prep.image_size[0]}x{prep.image_size[1]}-{time.strftime('%Y%m%d-%H%M%S')}")
+                                 f"{shape}-{time.strftime('%Y%m%d-%H%M%S')}")
     best_path = Path(args.checkpoint_dir) / f"{run_name}.pth"
     last_path = Path(args.checkpoint_dir) / f"{run_name}-last.pth"
     figures_dir = Path(args.resources_dir) / run_name
 
-    model = build_vqvae(config).to(device, memory_format=torch.channels_last)  # faster convolutions, CPU and GPU
+    model = build_vqvae(config).to(device, memory_format=config.memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     shards = {"rank": rank, "world_size": world}
     train_loader = BatchLoader(data.train.images, data.train.labels, args.batch_size, shuffle=True, device=device,
@@ -350,7 +376,7 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
     step_model = utils.wrap_distributed(model, device)  # every process starts from the first one's model
     if args.compile:
         step_model = torch.compile(step_model)
-    code_sizes = " and ".join(f"{prep.image_size[0] // size}x{prep.image_size[1] // size}"
+    code_sizes = " and ".join("x".join(str(side // size) for side in prep.image_size)
                               for size in reversed([config.scale * 2**level for level in range(config.levels)]))
     say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, codes {code_sizes} from "
         f"K={config.num_embeddings}, device {device} x {world} ({precision}); run {run_name}")
@@ -358,7 +384,7 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
     clock = utils.TrainingClock(args, args.epochs * len(train_loader), training["step"], training["elapsed"], device)
     rows = [row for row in read_rows(figures_dir / "metrics.csv") if int(row["step"]) <= clock.step] if resumed else []
     best_ssim = training["best_val_ssim"]
-    examples = data.validate.as_float(slice(0, RECONSTRUCTION_EXAMPLES)).to(device)
+    examples = data.validate.as_float(slice(0, RECONSTRUCTION_EXAMPLES[config.spatial_dims])).to(device)
 
     def save(path: Path, epoch: int, summed: EpochTotals, row: dict) -> None:
         """A checkpoint; `row` holds the metrics of an evaluation at this point, or is empty midway."""

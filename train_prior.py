@@ -65,6 +65,9 @@ def prepare_codes(args: argparse.Namespace, device: torch.device, log: Callable[
     """Decode both splits and encode them with the VQ-VAE, once (cached). Under torchrun every process calls this
     before the process group starts: one process per cache builds it while the others wait on its file lock."""
     vqvae, checkpoint = utils.load_vqvae(args.model, device)
+    if vqvae.config.spatial_dims != 2:
+        raise UsageError(f"{args.model}: is a 3D VQ-VAE (--spatial-dims 3); the PixelCNN prior models 2D code maps "
+                         "only: train the prior on a 2D checkpoint")
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
     source = checkpoint_data(checkpoint, args.data, log)  # the VQ-VAE's own splits
     splits = {split: load_split(source, split, prep, args.cache_dir, min_side=vqvae.config.image_multiple, log=log)

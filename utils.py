@@ -278,20 +278,23 @@ SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
 def ssim_per_image(images: torch.Tensor, references: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """SSIM of each image in a [B, C, H, W] batch, as skimage computes it (channels averaged).
+    """SSIM of each image in a [B, C, H, W] batch (or volume in a [B, C, D, H, W] one), as skimage computes it
+    (channels averaged; volumes with a 7x7x7 window, as skimage on 3D arrays).
 
     A valid (unpadded) 7x7 box filter equals skimage's reflect-padded filter followed by its border crop,
     so the mean over the valid region is exactly skimage's mean SSIM.
     """
     x, y = images.float(), references.float()
-    if min(x.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {tuple(x.shape[-2:])}")
+    spatial = x.shape[2:]
+    if min(spatial) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs sides of at least {SSIM_WINDOW}, got {tuple(spatial)}")
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
-    count = SSIM_WINDOW * SSIM_WINDOW
+    count = SSIM_WINDOW ** len(spatial)
     covariance_norm = count / (count - 1)
+    pool = F.avg_pool3d if len(spatial) == 3 else F.avg_pool2d
 
     def box(t: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(t, SSIM_WINDOW, stride=1)
+        return pool(t, SSIM_WINDOW, stride=1)
 
     mean_x, mean_y = box(x), box(y)
     var_x = covariance_norm * (box(x * x) - mean_x * mean_x)
@@ -299,17 +302,17 @@ def ssim_per_image(images: torch.Tensor, references: torch.Tensor, data_range: f
     cov_xy = covariance_norm * (box(x * y) - mean_x * mean_y)
     numerator = (2 * mean_x * mean_y + c1) * (2 * cov_xy + c2)
     denominator = (mean_x**2 + mean_y**2 + c1) * (var_x + var_y + c2)
-    return (numerator / denominator).mean(dim=(1, 2, 3))
+    return (numerator / denominator).flatten(1).mean(dim=1)
 
 
 def psnr_per_image(images: torch.Tensor, references: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    mse = (images.float() - references.float()).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+    mse = (images.float() - references.float()).pow(2).flatten(1).mean(dim=1).clamp_min(1e-10)
     return 10 * torch.log10(data_range**2 / mse)
 
 
 def mae_per_image(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error of each image in a batch (in the [0, 1] intensity scale)."""
-    return (images.float() - references.float()).abs().mean(dim=(1, 2, 3))
+    """Mean absolute error of each image (or volume) in a batch (in the [0, 1] intensity scale)."""
+    return (images.float() - references.float()).abs().flatten(1).mean(dim=1)
 
 
 def codebook_usage(code_counts: torch.Tensor) -> float:
@@ -344,7 +347,7 @@ def evaluate_vqvae(model: VQVAE | VQVAE2, loader, description: str = "validate",
             reconstruction, codes, vq_loss = model(images)
         reconstruction = reconstruction.float().clamp(0, 1)
         ssim = ssim_per_image(reconstruction, images)
-        loss = F.mse_loss(reconstruction, images, reduction="none").mean(dim=(1, 2, 3)) + ssim_weight * (1 - ssim)
+        loss = F.mse_loss(reconstruction, images, reduction="none").flatten(1).mean(dim=1) + ssim_weight * (1 - ssim)
         sums += torch.stack([(loss + vq_loss).sum(), ssim.sum(), psnr_per_image(reconstruction, images).sum(),
                              mae_per_image(reconstruction, images).sum()])
         count += len(images)
@@ -661,8 +664,30 @@ def _figure_for(rows: int, columns: int, example: torch.Tensor, width: float, ti
     return fig, axes
 
 
+PLANES = ("axial", "coronal", "sagittal")
+
+
+def mid_planes(volume: torch.Tensor) -> list[torch.Tensor]:
+    """The axial, coronal and sagittal mid-planes of a volume [..., X, Y, Z] in RAS order (an image [C, X, Y, Z]
+    or a code map [x, y, z]), each turned for display: superior up (anterior up in the axial plane)."""
+    return [volume.select(axis, volume.shape[axis] // 2).transpose(-1, -2).flip(-2) for axis in (-1, -2, -3)]
+
+
+def save_examples(path: str | os.PathLike, columns: dict[str, torch.Tensor], spatial_dims: int, title: str = "",
+                  code_colours: dict[str, torch.Tensor] | None = None) -> None:
+    """save_image_rows of batches of images, or of volumes: then one row per (volume, mid-plane)."""
+    if spatial_dims == 2:
+        save_image_rows(path, columns, title, code_colours)
+        return
+    planes = {name: [plane for item in column for plane in mid_planes(item)] for name, column in columns.items()}
+    count = len(next(iter(columns.values())))
+    labels = [f"volume {index + 1}, {plane}" for index in range(count) for plane in PLANES]
+    save_image_rows(path, planes, title, code_colours, row_labels=labels)
+
+
 def save_image_rows(path: str | os.PathLike, columns: dict[str, Sequence[torch.Tensor]], title: str = "",
-                    code_colours: dict[str, torch.Tensor] | None = None) -> None:
+                    code_colours: dict[str, torch.Tensor] | None = None,
+                    row_labels: Sequence[str] | None = None) -> None:
     """One row per example, one column per named image list. Columns named in code_colours hold code maps, drawn
     with those colours [K, 3], one per code (see code_colours)."""
     code_colours = code_colours or {}
@@ -678,6 +703,8 @@ def save_image_rows(path: str | os.PathLike, columns: dict[str, Sequence[torch.T
                 _show_image(axis, item)
             if row == 0:
                 axis.set_title(name, fontsize=9)
+            if column == 0 and row_labels:
+                axis.set_ylabel(row_labels[row], fontsize=8)
     save_figure(fig, path)
 
 
@@ -687,8 +714,8 @@ def save_reconstructions(path: str | os.PathLike, model: VQVAE | VQVAE2, images:
     model.eval()
     reconstruction, codes, _ = model(images)
     maps = code_columns(model, as_levels(codes))
-    save_image_rows(path, {"input": images, **maps, "reconstruction": reconstruction}, title=title,
-                    code_colours=model_code_colours(model, list(maps)))
+    save_examples(path, {"input": images, **maps, "reconstruction": reconstruction}, model.config.spatial_dims,
+                  title, model_code_colours(model, list(maps)))
 
 
 def code_columns(model: VQVAE | VQVAE2, codes: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -778,10 +805,11 @@ def save_level_contributions(path: str | os.PathLike, model: VQVAE2, images: tor
         means.append((counts[:, None] * vectors).sum(0) / counts.sum().clamp_min(1))
     columns = {"input": images, "both levels": model.decode_levels(quantized)}
     for kept, level in enumerate(model.levels):
-        levels = [vectors if index == kept else mean[None, :, None, None].expand_as(vectors)
+        levels = [vectors if index == kept else mean.view(1, -1, *[1] * (vectors.dim() - 2)).expand_as(vectors)
                   for index, (vectors, mean) in enumerate(zip(quantized, means))]
         columns[f"{level} only"] = model.decode_levels(levels)
-    save_image_rows(path, {name: column.float().clamp(0, 1) for name, column in columns.items()}, title=title)
+    save_examples(path, {name: column.float().clamp(0, 1) for name, column in columns.items()},
+                  model.config.spatial_dims, title)
 
 
 def save_training_curves(path: str | os.PathLike, rows: list[dict], panels: dict[str, Sequence[str]]) -> None:

@@ -9,14 +9,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dataset import make_phantom  # noqa: E402
+from dataset import make_phantom, make_phantom_volume  # noqa: E402
 
 
-def write_nifti(path: Path, array: np.ndarray) -> Path:
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
     import nibabel as nib
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4)), str(path))
+    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine), str(path))
     return path
 
 
@@ -52,6 +52,15 @@ def make_oasis(root: Path, counts=(12, 4, 4), shape=(32, 32)) -> Path:
             write_png(data / f"keras_png_slices_{split}" / name, phantom_uint8(7 * index + len(split), shape))
             write_png(data / f"keras_png_slices_seg_{split}" / name, np.zeros(shape, np.uint8))
     return data
+
+
+def make_volumes(root: Path, counts=(8, 2, 2), shape=(16, 16, 16)) -> Path:
+    """volumes_{train,validate,test}/case_XXX.nii.gz: 3D phantom volumes in RAS order, 2 mm voxels."""
+    for split, count in zip(("train", "validate", "test"), counts):
+        for index in range(count):
+            volume = make_phantom_volume(1000 * len(split) + index, shape)
+            write_nifti(root / f"volumes_{split}" / f"case_{index:03d}.nii.gz", volume, np.diag([2.0, 2, 2, 1]))
+    return root
 
 
 def make_classes(root: Path, classes=("alpha", "beta"), per_class=6, shape=(32, 32)) -> Path:
