@@ -361,7 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
         features[split] = split_features(model, slices, device, args.cache_dir, args.batch_size, matched_size)
     save_features(args.out, features, model.levels)
     total = sum(len(f.slices) for f in features.values())
-    print(f"wrote features of {total} slices ({', '.join(f'{s} {len(f.slices)}' for s, f in features.items())}) "
+    items = "volumes" if model.config.spatial_dims == 3 else "slices"
+    print(f"wrote features of {total} {items} ({', '.join(f'{s} {len(f.slices)}' for s, f in features.items())}) "
           f"to {args.out}")
     if not args.probe:
         return {"num_slices": total}
