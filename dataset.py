@@ -227,7 +227,7 @@ def find_data(data_dir: str | Path, val_fraction: float = 0.1) -> DataSource:
 # ----------------------------------------------------------------------------- reading one file
 
 def _scale_robust(array: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
-    low, high = np.percentile(array, percentiles)
+    low, high = (float(value) for value in np.percentile(array, percentiles))  # Python floats keep float32 data
     if high <= low:  # most pixels share one value: fall back to the full range
         low, high = float(array.min()), float(array.max())
     return np.clip((array - low) / (high - low), 0, 1)
@@ -372,6 +372,7 @@ def _volume_header(path: Path):
     if len(shape) > 3:
         raise BadFile(f"is {len(shape)}D ({'x'.join(map(str, image.shape))}); a 3D run takes one volume per file "
                       "(split time series or channels into files)")
+    _canonical_axes(image.affine)  # a degenerate affine is refused before any data is read
     return image
 
 
@@ -379,9 +380,12 @@ def _canonical_axes(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each stored axis, the canonical (RAS) axis it becomes, and the voxel spacing along each stored axis."""
     import nibabel as nib
 
+    orientation = nib.orientations.io_orientation(affine)
+    if np.isnan(orientation).any():
+        raise BadFile("has a degenerate affine (an axis with no direction in space): its orientation is unknown")
     spacing = nib.affines.voxel_sizes(affine)
-    spacing = np.where(np.isfinite(spacing) & (spacing > 0), spacing, 1.0)  # a broken affine: take 1 mm voxels
-    return nib.orientations.io_orientation(affine)[:, 0].astype(int), spacing
+    spacing = np.where(np.isfinite(spacing) & (spacing > 0), spacing, 1.0)
+    return orientation[:, 0].astype(int), spacing
 
 
 def volume_shape(path: Path) -> tuple[int, int, int] | None:
@@ -455,7 +459,10 @@ def _preprocess_file(path: Path, prep: Preprocessing, min_side: int) -> list[np.
 
 
 def _cache_key(files: Sequence[tuple[Path, str]], prep: Preprocessing, min_side: int) -> str:
-    digest = hashlib.sha1(json.dumps([CACHE_VERSION, prep.to_dict(), min_side]).encode())
+    settings = prep.to_dict()
+    if settings["spatial_dims"] == 2:  # as before volumes existed: caches of slices made then stay valid
+        del settings["spatial_dims"]
+    digest = hashlib.sha1(json.dumps([CACHE_VERSION, settings, min_side]).encode())
     for path, label in files:
         stat = path.stat()
         digest.update(f"{path.resolve()}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
@@ -467,7 +474,7 @@ def _decode_files(files: Sequence[tuple[Path, str]], prep: Preprocessing, min_si
     """Decode every file, handing each preprocessed slice (or volume) to `keep` in order; returns the source and
     label of each, and the skipped files with their problems."""
     sources, labels, skipped = [], [], []
-    workers = min(8, os.cpu_count() or 1)
+    workers = min(8 if prep.spatial_dims == 2 else 2, os.cpu_count() or 1)  # a decoded volume can take a GB
     with ThreadPoolExecutor(max_workers=workers) as pool:  # decompression and decoding release the GIL
         results = pool.map(lambda item: _try_preprocess(item[0], prep, min_side), files)
         for (path, label), (result, problem) in progress_bar(zip(files, results), total=len(files), desc=description,
@@ -585,7 +592,9 @@ def _build_cache(source: DataSource, split: str, files: Sequence[tuple[Path, str
             raise UsageError(f"{source.root}: none of the {len(files)} files in the {split} split could be used"
                              f"{first}")
         scratch.flush()
-        _save_stacked(images_path, np.memmap(scratch.name, dtype=np.uint8, mode="r", shape=(len(shapes), *shapes[0])))
+        decoded = np.memmap(scratch, dtype=np.uint8, mode="r", shape=(len(shapes), *shapes[0]))
+        _save_stacked(images_path, decoded)
+        del decoded  # unmapped before the scratch file goes (Windows cannot delete a mapped file)
     index = {"sources": sources, "labels": labels, "skipped": skipped}
     atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index)))  # written last: vouches for both
 
@@ -757,8 +766,9 @@ def evaluation_data(checkpoint: dict, override: str | None = None, log: Log = pr
     path = None if override is None else Path(override).expanduser().resolve()
     if path is not None and path.is_file():
         return DataSource(path.parent, {"test": [(path, "")]}, [f"evaluating the single file {path}"])
-    own_root = checkpoint.get("data", {}).get("root")
-    if path is not None and path.is_dir() and str(path) != own_root and not _split_folders(path) \
+    own_root = Path(checkpoint.get("data", {}).get("root", "/"))
+    # A folder named like the checkpoint's own is taken for that data, moved: its own carve-out is evaluated.
+    if path is not None and path.is_dir() and path.name != own_root.name and not _split_folders(path) \
             and not any((path / name).is_dir() for name in DATA_FOLDERS):
         files = list_images(path)
         if not files:

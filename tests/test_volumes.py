@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -103,16 +104,23 @@ def test_every_unusable_file_is_skipped_with_one_line_naming_it(tmp_path: Path):
     }
     for name, (array, _) in bad.items():
         write_nifti(train_dir / name, array.astype(np.float32))
+    flat_axis = np.eye(4)
+    flat_axis[2, 2] = 0  # the third axis points nowhere
+    degenerate = nib.Nifti1Image(np.random.default_rng(3).random((8, 8, 8)).astype(np.float32), None)
+    degenerate.set_sform(flat_axis, code=1)  # only the sform: a qform cannot even be made of it
+    nib.save(degenerate, str(train_dir / "degenerate.nii.gz"))
     write_png(train_dir / "picture.png", np.zeros((16, 16), np.uint8))
     (train_dir / "broken.nii.gz").write_bytes(b"not a nifti file")
     messages: list[str] = []
     loaded = load_split(find_data(data), "train", VOLUMES, tmp_path / "cache", min_side=4, log=messages.append)
     assert len(loaded) == 2
-    assert "skipped 7 of 9 files in the train split:" in messages
+    assert "skipped 8 of 10 files in the train split:" in messages
     for name, (_, problem) in bad.items():
         assert any(str(train_dir / name) in line and problem in line for line in messages), name
     assert any("picture.png" in line and "2D picture" in line for line in messages)
     assert any("broken.nii.gz" in line and "cannot be read" in line for line in messages)
+    assert any("degenerate.nii.gz" in line and "degenerate affine" in line for line in messages)
+    assert volume_shape(train_dir / "degenerate.nii.gz") is None  # the default shape looks past it
     only_bad = tmp_path / "bad"
     write_nifti(only_bad / "a.nii.gz", np.ones((8, 8, 8), np.float32))
     write_nifti(only_bad / "b.nii.gz", np.ones((8, 8, 8), np.float32))
@@ -152,8 +160,6 @@ def test_one_definition_serves_2d_and_3d():
 def test_demo_volumes_stack_the_phantom_slices_in_ras_order(tmp_path: Path):
     root = make_demo_data(tmp_path, counts={"train": 1}, shape=(16, 12, 8), volumes=True, log=lambda _: None)
     path = root / "volumes_train" / "case_000_week_0.nii.gz"
-    import nibabel as nib
-
     image = nib.load(str(path))
     assert image.shape == (16, 12, 8) and np.allclose(nib.affines.voxel_sizes(image.affine), DEMO_VOXEL_MM)
     volume = torch.from_numpy(np.asarray(image.dataobj))
