@@ -226,6 +226,11 @@ def find_data(data_dir: str | Path, val_fraction: float = 0.1) -> DataSource:
 
 # ----------------------------------------------------------------------------- reading one file
 
+def unreadable(error: Exception) -> BadFile:
+    """The skip message of a file its decoder failed on (the decoders raise many types for damaged files)."""
+    return BadFile(f"cannot be read ({type(error).__name__}: {str(error).strip()[:120]})")
+
+
 def _scale_robust(array: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
     low, high = (float(value) for value in np.percentile(array, percentiles))  # Python floats keep float32 data
     if high <= low:  # most pixels share one value: fall back to the full range
@@ -273,8 +278,8 @@ def read_slices(path: Path, prep: Preprocessing) -> list[np.ndarray]:
         raw_slices = reader(path, prep)
     except (BadFile, UsageError):
         raise
-    except Exception as error:  # the decoders raise many types for damaged files
-        raise BadFile(f"cannot be read ({type(error).__name__}: {str(error).strip()[:120]})") from None
+    except Exception as error:
+        raise unreadable(error) from None
     slices = []
     for array, eight_bit in raw_slices:
         if not np.isfinite(array).all():
@@ -362,7 +367,7 @@ def _volume_header(path: Path):
     try:
         image = nib.load(str(path))
     except Exception as error:
-        raise BadFile(f"cannot be read ({type(error).__name__}: {str(error).strip()[:120]})") from None
+        raise unreadable(error) from None
     shape = list(image.shape)
     while len(shape) > 3 and shape[-1] == 1:  # a volume stored with trailing singleton axes
         shape.pop()
@@ -411,7 +416,7 @@ def read_volume(path: Path, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray
         canonical = nib.as_closest_canonical(image)
         volume = np.asarray(canonical.get_fdata(dtype=np.float32)).reshape(canonical.shape[:3])
     except Exception as error:
-        raise BadFile(f"cannot be read ({type(error).__name__}: {str(error).strip()[:120]})") from None
+        raise unreadable(error) from None
     if not np.isfinite(volume).all():
         raise BadFile("contains NaN or infinite voxel values")
     if volume.max() == volume.min():

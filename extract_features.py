@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
         features[split] = split_features(model, slices, device, args.cache_dir, args.batch_size, matched_size)
     save_features(args.out, features, model.levels)
     total = sum(len(f.slices) for f in features.values())
-    items = "volumes" if model.config.spatial_dims == 3 else "slices"
+    items = utils.items_name(model.config.spatial_dims)
     print(f"wrote features of {total} {items} ({', '.join(f'{s} {len(f.slices)}' for s, f in features.items())}) "
           f"to {args.out}")
     if not args.probe:

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(note)
     split = choose_split(source.files, args.split)
     slices = load_split(source, split, prep, args.cache_dir, min_side=model.config.image_multiple)
-    items, dims = ("volumes", 3) if model.config.spatial_dims == 3 else ("slices", 2)
+    dims = model.config.spatial_dims
+    items = utils.items_name(dims)
     loader = BatchLoader(slices.images, slices.labels, args.batch_size, shuffle=False, device=device)
     results = utils.evaluate_vqvae(model, loader, description=split)
 

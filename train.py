@@ -120,9 +120,6 @@ def image_size_option(size: list[int], spatial_dims: int) -> tuple[int, ...]:
     return tuple(size)
 
 
-def items_name(spatial_dims: int) -> str:
-    return "volumes" if spatial_dims == 3 else "slices"
-
 
 @dataclass
 class TrainingData:
@@ -160,7 +157,7 @@ def prepare_data(args: argparse.Namespace, multiple: int, log: Callable[[str], N
                          slice_axis=args.slice_axis, spatial_dims=dims)
     splits = [load_split(source, split, prep, args.cache_dir, min_side=multiple, log=log)
               for split in ("train", "validate")]
-    items = items_name(dims)
+    items = utils.items_name(dims)
     log(f"train: {len(splits[0])} {items}, validation: {len(splits[1])} {items}, {'x'.join(map(str, image_size))}")
     processes = utils.launched_world_size()
     if len(splits[0]) < processes:

@@ -271,6 +271,11 @@ class TrainingClock:
         return bool(all_reduce_sum(flag).item() > 0)
 
 
+def items_name(spatial_dims: int) -> str:
+    """What the items of a data set are called in messages and figures."""
+    return "volumes" if spatial_dims == 3 else "slices"
+
+
 # ----------------------------------------------------------------------------- metrics
 
 SSIM_WINDOW = 7  # skimage.metrics.structural_similarity defaults: 7x7 uniform window, sample covariance
