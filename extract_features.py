@@ -8,7 +8,7 @@ Feature sets per slice (every level of a two-level model, concatenated), written
   bag          the normalised histogram of the codes it uses (K per level)
   bag_grid     that histogram in each cell of a 2x2 grid of the slice (4K per level; volumes: 2x2x2, 8K)
   soft_bag_grid  the same with each position's vote spread over the codes near its encoder output (weights
-               exp(-d^2 / w^2), w the codebook's median nearest-neighbour distance): steadier than hard counts
+               exp(-d^2 / w^2), w the codebook's median nearest-neighbour distance)
   pooled       its code vectors averaged and max-pooled over the slice (2D per level)
   grid         its code vectors averaged over a 2x2 and a 4x4 grid of the slice, a small spatial pyramid (20D;
                volumes: 2x2x2 and 4x4x4, 72D)
@@ -42,14 +42,13 @@ FEATURE_SETS = ("bag", "bag_grid", "soft_bag_grid", "pooled", "grid", "latent", 
 GRIDS = (2, 4)  # the spatial pyramid of the grid features
 BAG_GRID = 2  # cells per side of the bags with layout: finer cells leave too few codes per cell to count
 # Soft votes, exp(-d^2 / w^2) over the codes, with w the codebook's median nearest-neighbour distance: a position
-# votes for the few codes around its encoder output, so the histogram changes smoothly with the image instead of
-# flipping between neighbouring codes. On brain MRI (README) widths of about 0.12, 0.23, 0.46, 0.93 and 1.9 times
-# that spacing gave 0.823, 0.837, 0.868, 0.878 and 0.901 accuracy at 10% of the labels (hard counts: 0.824); 1.9 was
-# erratic at 1% (0.045 standard deviation over the draws).
+# votes for the codes around its encoder output instead of one. On brain MRI (README, "Codes as features") this width
+# measured below hard counts at 1% and 10% of the labels, so the soft bags are an option, not the default.
 SOFT_WIDTH = 1.0
-# First the set reported as accuracy_features_*: on brain MRI (README, "Codes as features") the soft bags of a 2x2
-# grid with the pooled code vectors led at 1% and 10% of the labels. More sets cost probe time.
-DEFAULT_FEATURES = ["soft_bag_grid+pooled", "bag_grid+pooled", "bag+pooled+latent_grid"]
+# First the set reported as accuracy_features_*: on brain MRI (README, "Codes as features") the bags of codes of a 2x2
+# grid with the pooled code vectors led at 1% of the labels and were within 0.004 of the best at 10%. More sets cost
+# probe time.
+DEFAULT_FEATURES = ["bag_grid+pooled", "soft_bag_grid+pooled", "bag+pooled+latent_grid"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
