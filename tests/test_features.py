@@ -46,15 +46,16 @@ def test_features_file_holds_every_slice_and_every_set_has_its_documented_size(v
     from modules import VQVAEConfig
 
     config = VQVAEConfig.from_dict(config)
-    sizes = {"bag": 32, "bag_grid": 4 * 32, "soft_bag_grid": 4 * 32, "pooled": 2 * 8, "grid": 20 * 8,
+    sizes = {"bag": 32, "bag_grid": 9 * 32, "pooled": 2 * 8, "grid": 20 * 8,
              "latent": 2 * 8, "latent_grid": 20 * 8}  # K=32, D=8
     for name, size in sizes.items():
         assert saved[name].shape == (count, size) == (count, extract_features.feature_size(name, config)), name
     assert saved["pixels"].shape == (count, 8 * 8)  # pooled to the 8x8 code map
     np.testing.assert_allclose(saved["bag"].sum(1), 1, atol=1e-5)
-    for name in ("bag_grid", "soft_bag_grid"):  # a histogram per cell of the 2x2 grid
-        np.testing.assert_allclose(saved[name].reshape(count, 4, 32).sum(2), 1, atol=1e-5)
-    np.testing.assert_allclose(saved["bag_grid"].reshape(count, 4, 32).mean(1), saved["bag"], atol=1e-6)
+    np.testing.assert_allclose(saved["bag_grid"].reshape(count, 9, 32).sum(2), 1, atol=1e-5)  # a histogram per cell
+    # Cells of 3, 3 and 2 codes per side on the 8x8 map: weighted by their size, they make the slice's bag.
+    cell_sizes = np.outer([3, 3, 2], [3, 3, 2]).reshape(1, 9, 1) / 64
+    np.testing.assert_allclose((saved["bag_grid"].reshape(count, 9, 32) * cell_sizes).sum(1), saved["bag"], atol=1e-6)
     mean, maximum = np.split(saved["pooled"], 2, axis=1)
     assert (maximum >= mean - 1e-6).all()
     for path, label in zip(saved["path"], saved["label"]):
@@ -127,31 +128,39 @@ def test_bag_of_codes_of_a_large_codebook_is_counted_without_a_one_hot(tmp_path:
     slices = SliceSet(images, torch.full((512,), -1), [f"{i}" for i in range(512)], [], "train", "key")
     features = extract_features.split_features(model, slices, torch.device("cpu"), str(tmp_path), batch_size=64)
     assert features.sets["bag"].shape == (512, 4096) and features.sets["pixels"].shape == (512, 64 * 32)
-    assert features.sets["soft_bag_grid"].shape == (512, 4 * 4096)
-    torch.testing.assert_close(features.sets["soft_bag_grid"].view(512, 4, 4096).sum(2), torch.ones(512, 4))
+    assert features.sets["bag_grid"].shape == (512, 9 * 4096)
     codes = features.codes[0].long().flatten(1)
     for row in (0, 511):
         expected = torch.bincount(codes[row], minlength=4096).float() / codes.shape[1]
         torch.testing.assert_close(features.sets["bag"][row], expected)
 
 
-def test_bags_on_the_grid_count_each_cell_and_soft_votes_split_only_near_a_boundary():
-    from modules import VectorQuantizer
+def test_bags_on_the_grid_count_each_cell():
+    codes = torch.randint(0, 16, (3, 6, 4), generator=torch.Generator().manual_seed(0))
+    quadrants = extract_features.bags_on_grid(codes, 16, cells_per_side=2).view(3, 4, 16)
+    cell = codes[1, 3:, :2].flatten()  # the bottom-left cell of the second map, in row-major cell order
+    torch.testing.assert_close(quadrants[1, 2], torch.bincount(cell, minlength=16).float() / 6)
+    whole = extract_features.bags_on_grid(codes, 16, cells_per_side=1)
+    torch.testing.assert_close(quadrants.mean(1), whole)
+    torch.testing.assert_close(whole, torch.stack([torch.bincount(c.flatten(), minlength=16) / 24. for c in codes]))
+    thirds = extract_features.bags_on_grid(codes, 16, cells_per_side=3).view(3, 9, 16)  # uneven: rows 2+2+2, cols 2+1+1
+    torch.testing.assert_close(thirds[2, 5], torch.bincount(codes[2, 2:4, 3:].flatten(), minlength=16).float() / 2)
+
+
+def test_each_slice_s_features_are_its_own_whatever_the_batch(tmp_path: Path):
+    """No statistic of a batch may reach a slice's features: files are read class by class, so a batch-level
+    number (a soft-vote width from the batch's mean distance, say) would tell the probe the class."""
+    from dataset import SliceSet
+    from modules import VQVAE, VQVAEConfig
 
     torch.manual_seed(0)
-    quantizer = VectorQuantizer(16, 4, quantizer="ema")
-    codes = torch.randint(0, 16, (3, 6, 4))
-    hard = extract_features.bags_on_grid(codes, 16).view(3, 4, 16)
-    cell = codes[1, 3:, :2].flatten()  # the bottom-left cell of the second map, in row-major cell order
-    torch.testing.assert_close(hard[1, 2], torch.bincount(cell, minlength=16).float() / 6)
-    torch.testing.assert_close(hard.mean(1), torch.stack([torch.bincount(c.flatten(), minlength=16) / 24.
-                                                           for c in codes]))
-    spacing = extract_features.code_spacing(quantizer)
-    at_codes = quantizer.lookup(codes) + 0.01 * spacing * torch.randn(3, 4, 6, 4)  # each latent beside its code
-    soft = extract_features.bags_on_grid(codes, 16, extract_features.soft_votes(quantizer, at_codes, 0.25 * spacing))
-    torch.testing.assert_close(soft.view(3, 4, 16), hard, atol=1e-3, rtol=0)
-    codebook = quantizer.codebook()
-    neighbour = int(torch.cdist(codebook[:1], codebook)[0, 1:].argmin()) + 1  # code 0's nearest other code
-    halfway = ((codebook[0] + codebook[neighbour]) / 2).view(1, 4, 1, 1)
-    (_, votes), = extract_features.soft_votes(quantizer, halfway, 0.25 * spacing)
-    assert votes[0, 0] == pytest.approx(votes[0, neighbour].item(), abs=1e-5) and votes[0, 0] > 0.4
+    model = VQVAE(VQVAEConfig(hidden_channels=16, residual_channels=8, num_residual_layers=1, num_embeddings=32,
+                              embedding_dim=4)).eval()
+    images = torch.randint(0, 256, (10, 1, 32, 32), dtype=torch.uint8)
+    images[5:] //= 4  # a dark half: its latents lie elsewhere than the bright half's
+    slices = SliceSet(images, torch.full((10,), -1), [f"{i}" for i in range(10)], [], "train", "key")
+    whole, split = (extract_features.split_features(model, slices, torch.device("cpu"), str(tmp_path / f"{batch}"),
+                                                    batch_size=batch) for batch in (10, 3))
+    assert set(whole.sets) == set(split.sets)
+    for name in whole.sets:
+        torch.testing.assert_close(whole.sets[name], split.sets[name], atol=1e-5, rtol=1e-4, msg=name)
