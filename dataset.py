@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from modules import weights_fingerprint
-from utils import UsageError, atomic_write, file_lock, progress_bar, remove_stale_temporaries
+from utils import UsageError, atomic_write, file_lock, progress_bar, remove_stale_temporaries, shape_text
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -372,10 +372,10 @@ def _volume_header(path: Path):
     while len(shape) > 3 and shape[-1] == 1:  # a volume stored with trailing singleton axes
         shape.pop()
     if len(shape) < 3 or min(shape) == 1:
-        raise BadFile(f"is a 2D slice ({'x'.join(map(str, image.shape))}); a 3D run needs volumes "
+        raise BadFile(f"is a 2D slice ({shape_text(image.shape)}); a 3D run needs volumes "
                       "(train on slices without --spatial-dims 3)")
     if len(shape) > 3:
-        raise BadFile(f"is {len(shape)}D ({'x'.join(map(str, image.shape))}); a 3D run takes one volume per file "
+        raise BadFile(f"is {len(shape)}D ({shape_text(image.shape)}); a 3D run takes one volume per file "
                       "(split time series or channels into files)")
     _canonical_axes(image.affine)  # a degenerate affine is refused before any data is read
     return image
@@ -446,7 +446,7 @@ def fit_volume(volume: np.ndarray, spacing: Sequence[float], shape: Sequence[int
 def _preprocess_volume(path: Path, prep: Preprocessing, min_side: int) -> np.ndarray:
     volume, spacing = read_volume(path, prep)
     if min(volume.shape[1:]) < min_side:
-        raise BadFile(f"is {'x'.join(map(str, volume.shape[1:]))} voxels, smaller than one code cell "
+        raise BadFile(f"is {shape_text(volume.shape[1:])} voxels, smaller than one code cell "
                       f"({min_side}x{min_side}x{min_side})")
     return np.round(fit_volume(volume, spacing, prep.image_size, prep.resize) * 255).astype(np.uint8)
 

@@ -120,7 +120,6 @@ def image_size_option(size: list[int], spatial_dims: int) -> tuple[int, ...]:
     return tuple(size)
 
 
-
 @dataclass
 class TrainingData:
     source: DataSource
@@ -147,7 +146,7 @@ def prepare_data(args: argparse.Namespace, multiple: int, log: Callable[[str], N
         log(note)
     if args.image_size is None:
         image_size = native_image_size(source.files["train"], multiple, args.slice_axis, dims)
-        log(f"image size {'x'.join(map(str, image_size))} (the most common "
+        log(f"image size {utils.shape_text(image_size)} (the most common "
             f"{'volume shape in voxels of its finest spacing' if dims == 3 else 'slice shape'}, padded to a "
             f"multiple of {multiple}); set --image-size to change it")
     else:
@@ -158,7 +157,7 @@ def prepare_data(args: argparse.Namespace, multiple: int, log: Callable[[str], N
     splits = [load_split(source, split, prep, args.cache_dir, min_side=multiple, log=log)
               for split in ("train", "validate")]
     items = utils.items_name(dims)
-    log(f"train: {len(splits[0])} {items}, validation: {len(splits[1])} {items}, {'x'.join(map(str, image_size))}")
+    log(f"train: {len(splits[0])} {items}, validation: {len(splits[1])} {items}, {utils.shape_text(image_size)}")
     processes = utils.launched_world_size()
     if len(splits[0]) < processes:
         raise UsageError(f"the training split has {len(splits[0])} {items}, fewer than the {processes} processes "
@@ -344,9 +343,8 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
     is_main = rank == 0
     torch.backends.cudnn.benchmark = True
     prep = data.prep
-    shape = "x".join(map(str, prep.image_size))
     run_name = args.run_name or (f"{'demo' if args.data is None else Path(data.source.root).name}-"
-                                 f"{shape}-{time.strftime('%Y%m%d-%H%M%S')}")
+                                 f"{utils.shape_text(prep.image_size)}-{time.strftime('%Y%m%d-%H%M%S')}")
     best_path = Path(args.checkpoint_dir) / f"{run_name}.pth"
     last_path = Path(args.checkpoint_dir) / f"{run_name}-last.pth"
     figures_dir = Path(args.resources_dir) / run_name
@@ -373,7 +371,7 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
     step_model = utils.wrap_distributed(model, device)  # every process starts from the first one's model
     if args.compile:
         step_model = torch.compile(step_model)
-    code_sizes = " and ".join("x".join(str(side // size) for side in prep.image_size)
+    code_sizes = " and ".join(utils.shape_text(side // size for side in prep.image_size)
                               for size in reversed([config.scale * 2**level for level in range(config.levels)]))
     say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, codes {code_sizes} from "
         f"K={config.num_embeddings}, device {device} x {world} ({precision}); run {run_name}")

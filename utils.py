@@ -271,6 +271,11 @@ class TrainingClock:
         return bool(all_reduce_sum(flag).item() > 0)
 
 
+def shape_text(shape) -> str:
+    """A shape as people write it: 256x128, 32x32x32."""
+    return "x".join(str(side) for side in shape)
+
+
 def items_name(spatial_dims: int) -> str:
     """What the items of a data set are called in messages and figures."""
     return "volumes" if spatial_dims == 3 else "slices"
