@@ -500,6 +500,11 @@ class VQVAE2(_CodeLevels):
         self.bottom_encoder = Encoder(config, out_channels=0)  # images -> hidden features at 1/s
         self.top_encoder = Encoder(config, in_channels=hidden, downsamples=1)  # -> top latents at 1/2s
         self.top_quantizer = make_quantizer(config)
+        # The top map has 2**spatial_dims times fewer positions per step than the bottom one, so a code holding
+        # the same share of it is used that many times less often: with the bottom's threshold, most top codes
+        # counted as dead and were re-seeded every step (at 8x and 16x on 64x64, 256 top vectors a step for 512
+        # codes), and the top codes the decoder had just learnt kept changing under it.
+        self.top_quantizer.dead_code_threshold = config.dead_code_threshold / 2**config.spatial_dims
         self.top_decoder = Decoder(config, upsamples=1, out_channels=dim)  # top codes -> features at 1/s
         self.bottom_projection = conv(config.spatial_dims, hidden + dim, dim, 1)
         self.bottom_quantizer = make_quantizer(config)

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--ema-decay", type=float, default=defaults.ema_decay,
                        help="moving-average decay of the EMA codebook")
     model.add_argument("--dead-code-threshold", type=float, default=defaults.dead_code_threshold,
-                       help="re-seed codes used less than this per step (moving average); 0 = never")
+                       help="re-seed codes used less than this per step (moving average; a top level: this / "
+                       "2^spatial-dims); 0 = never")
     model.add_argument("--kmeans-init", action="store_true", help="initialise the codebook by k-means on encoder "
                        "outputs of the first batches (default: a random draw of them)")
     model.add_argument("--normalization", choices=("none", "group"), default=defaults.normalization,

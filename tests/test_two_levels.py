@@ -51,6 +51,23 @@ def test_one_level_is_the_model_it_always_was():
     assert VQVAEConfig.from_dict({k: v for k, v in VQVAEConfig(**SMALL).to_dict().items() if k != "levels"}).levels == 1
 
 
+def test_the_top_codebook_restarts_at_its_own_rate():
+    # Four times fewer top positions per step (eight for volumes): four times fewer uses make a top code dead.
+    model = build_vqvae(VQVAEConfig(levels=2, dead_code_threshold=2.0, **SMALL))
+    assert model.top_quantizer.dead_code_threshold == 0.5 and model.bottom_quantizer.dead_code_threshold == 2.0
+    volumes = build_vqvae(VQVAEConfig(levels=2, spatial_dims=3, **SMALL))
+    assert volumes.top_quantizer.dead_code_threshold == volumes.bottom_quantizer.dead_code_threshold / 8
+    model.train()
+    model.initialise_codebooks([torch.rand(2, 1, 32, 16)])
+    model.top_quantizer.cluster_size.fill_(1.0)  # used once a step: alive at the top's threshold, dead at 2
+    model.bottom_quantizer.cluster_size.fill_(1.0)
+    top_codes, bottom_codes = model.top_quantizer.embedding.clone(), model.bottom_quantizer.embedding.clone()
+    model.top_quantizer._restart_dead_codes()
+    model.bottom_quantizer._restart_dead_codes()
+    assert torch.equal(model.top_quantizer.embedding, top_codes)
+    assert not torch.equal(model.bottom_quantizer.embedding, bottom_codes)
+
+
 def test_stacked_levels_unstack_exactly():
     top, bottom = torch.randint(0, 9, (3, 4, 2)), torch.randint(0, 9, (3, 8, 4))
     stacked = stack_levels([top, bottom])
