@@ -402,10 +402,13 @@ class VectorQuantizer(nn.Module):
         self.restart_candidates.copy_(vectors[_draw(len(vectors), self.num_embeddings, vectors.device)])
 
 
-def make_quantizer(config: VQVAEConfig) -> VectorQuantizer:
+def make_quantizer(config: VQVAEConfig, positions_per_code: float = 1) -> VectorQuantizer:
+    """The quantizer of one level; positions_per_code: how many positions of the finest map one of its codes
+    covers, so that a code holding the same share of the data is restarted at the same rate on every level."""
     return VectorQuantizer(
         config.num_embeddings, config.embedding_dim, beta=config.beta, quantizer=config.quantizer,
-        ema_decay=config.ema_decay, ema_epsilon=config.ema_epsilon, dead_code_threshold=config.dead_code_threshold,
+        ema_decay=config.ema_decay, ema_epsilon=config.ema_epsilon,
+        dead_code_threshold=config.dead_code_threshold / positions_per_code,
         code_distance=config.code_distance, lookup_dim=config.lookup_dim, estimator=config.estimator)
 
 
@@ -499,12 +502,10 @@ class VQVAE2(_CodeLevels):
         hidden, dim = config.hidden_channels, config.embedding_dim
         self.bottom_encoder = Encoder(config, out_channels=0)  # images -> hidden features at 1/s
         self.top_encoder = Encoder(config, in_channels=hidden, downsamples=1)  # -> top latents at 1/2s
-        self.top_quantizer = make_quantizer(config)
-        # The top map has 2**spatial_dims times fewer positions per step than the bottom one, so a code holding
-        # the same share of it is used that many times less often: with the bottom's threshold, most top codes
-        # counted as dead and were re-seeded every step (at 8x and 16x on 64x64, 256 top vectors a step for 512
-        # codes), and the top codes the decoder had just learnt kept changing under it.
-        self.top_quantizer.dead_code_threshold = config.dead_code_threshold / 2**config.spatial_dims
+        # The top map has 2**spatial_dims times fewer positions per step than the bottom one: at the bottom's
+        # restart threshold most top codes counted as dead and were re-seeded every step (at 8x and 16x on 64x64,
+        # 256 top vectors a step for 512 codes), and the top codes the decoder had just learnt kept changing.
+        self.top_quantizer = make_quantizer(config, positions_per_code=2**config.spatial_dims)
         self.top_decoder = Decoder(config, upsamples=1, out_channels=dim)  # top codes -> features at 1/s
         self.bottom_projection = conv(config.spatial_dims, hidden + dim, dim, 1)
         self.bottom_quantizer = make_quantizer(config)

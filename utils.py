@@ -12,7 +12,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -271,7 +271,7 @@ class TrainingClock:
         return bool(all_reduce_sum(flag).item() > 0)
 
 
-def shape_text(shape) -> str:
+def shape_text(shape: Iterable[int]) -> str:
     """A shape as people write it: 256x128, 32x32x32."""
     return "x".join(str(side) for side in shape)
 
