@@ -30,12 +30,13 @@ class VQVAEConfig:
     lookup_dim: int = 16  # > 0: search the codebook in this many dimensions, projected from and back to D; 0 = in D
     estimator: str = "straight_through"  # how gradients pass the quantizer: "straight_through" or "rotation"
     levels: int = 1  # 2: VQ-VAE-2, a top code map one halving coarser above the bottom one (at `downsamples`)
+    top_image_weight: float = 1.0  # two levels: weight of the top's own loss, the image at the bottom map's size
     spatial_dims: int = 2  # 2: images [B, C, H, W]; 3: volumes [B, C, D, H, W], the same networks with 3D kernels
 
     # What checkpoints written before an option existed were trained with: they load as they were trained, whatever
     # today's defaults are.
     LEGACY = {"code_distance": "euclidean", "lookup_dim": 0, "estimator": "straight_through", "levels": 1,
-              "spatial_dims": 2}
+              "spatial_dims": 2, "top_image_weight": 0.0}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -492,7 +493,7 @@ class VQVAE2(_CodeLevels):
     The top is quantized first; the top's decoder turns its codes into features at the bottom's size, which join
     the bottom encoder's own before the bottom quantization, so the bottom codes hold what the top ones leave out.
     The final decoder sees both levels, the top upsampled to the bottom's size.
-    forward(images) -> (reconstruction, (top indices, bottom indices), vq loss of both)."""
+    forward(images) -> (reconstruction, (top indices, bottom indices), vq loss of both + the top's image loss)."""
 
     levels = ("top", "bottom")
 
@@ -507,6 +508,10 @@ class VQVAE2(_CodeLevels):
         # 256 top vectors a step for 512 codes), and the top codes the decoder had just learnt kept changing.
         self.top_quantizer = make_quantizer(config, positions_per_code=2**config.spatial_dims)
         self.top_decoder = Decoder(config, upsamples=1, out_channels=dim)  # top codes -> features at 1/s
+        # The top's decoded features must also give the image, mean-pooled to the bottom map's size, through a 1x1:
+        # without that pull the bottom codes, which see the whole image, carried it all and the top bits were lost.
+        self.top_image_head = (conv(config.spatial_dims, dim, config.in_channels, 1)
+                               if config.top_image_weight > 0 else None)
         self.bottom_projection = conv(config.spatial_dims, hidden + dim, dim, 1)
         self.bottom_quantizer = make_quantizer(config)
         self.upsample_top = conv(config.spatial_dims, dim, dim, 4, stride=2, padding=1, transposed=True)
@@ -516,13 +521,24 @@ class VQVAE2(_CodeLevels):
     def quantizers(self) -> list[VectorQuantizer]:
         return [self.top_quantizer, self.bottom_quantizer]
 
-    def _bottom_latents(self, features: torch.Tensor, top_quantized: torch.Tensor) -> torch.Tensor:
-        return self.bottom_projection(torch.cat([features, self.top_decoder(top_quantized)], dim=1))
+    def _bottom_latents(self, features: torch.Tensor, top_features: torch.Tensor) -> torch.Tensor:
+        return self.bottom_projection(torch.cat([features, top_features], dim=1))
 
-    def _quantize_levels(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _quantize_levels(self, images: torch.Tensor) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
+        """Each level's (quantized, indices, loss), top first, and the top's decoded features."""
         features = self.bottom_encoder(images)
         top = self.top_quantizer(self.top_encoder(features))
-        return [top, self.bottom_quantizer(self._bottom_latents(features, top[0]))]
+        top_features = self.top_decoder(top[0])
+        return [top, self.bottom_quantizer(self._bottom_latents(features, top_features))], top_features
+
+    def top_image(self, top_quantized: torch.Tensor) -> torch.Tensor | None:
+        """The image the top's own loss reads from its codes, at the bottom map's size (None when that loss is off)."""
+        return None if self.top_image_head is None else self.top_image_head(self.top_decoder(top_quantized))
+
+    def top_image_loss(self, top_features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """MSE between the top's image (its decoded features through a 1x1) and the mean-pooled input."""
+        pool = F.avg_pool3d if self.config.spatial_dims == 3 else F.avg_pool2d
+        return F.mse_loss(self.top_image_head(top_features).float(), pool(images.float(), self.config.scale))
 
     def decode_levels(self, quantized: Sequence[torch.Tensor]) -> torch.Tensor:
         top, bottom = quantized
@@ -532,13 +548,13 @@ class VQVAE2(_CodeLevels):
         return self.decode_code_maps(codes)
 
     def code_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return [indices for _, indices, _ in self._quantize_levels(images)]
+        return [indices for _, indices, _ in self._quantize_levels(images)[0]]
 
     def latent_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Each level's continuous latents before quantization (the bottom one's given the top's codes)."""
         features = self.bottom_encoder(images)
         top = self.top_encoder(features)
-        return [top, self._bottom_latents(features, self.top_quantizer.nearest_vectors(top))]
+        return [top, self._bottom_latents(features, self.top_decoder(self.top_quantizer.nearest_vectors(top)))]
 
     def code_map(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(self.code_maps(images))
@@ -551,13 +567,17 @@ class VQVAE2(_CodeLevels):
         top_latents = [self.top_encoder(feature) for feature in features]
         self.top_quantizer.initialise(torch.cat([_rows(latents) for latents in top_latents]), kmeans_iterations,
                                       steps)
-        bottom = [self._bottom_latents(feature, self.top_quantizer.nearest_vectors(latents))
+        bottom = [self._bottom_latents(feature, self.top_decoder(self.top_quantizer.nearest_vectors(latents)))
                   for feature, latents in zip(features, top_latents)]
         self.bottom_quantizer.initialise(torch.cat([_rows(latents) for latents in bottom]), kmeans_iterations, steps)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        (top, top_indices, top_loss), (bottom, bottom_indices, bottom_loss) = self._quantize_levels(images)
-        return self.decode_levels([top, bottom]), (top_indices, bottom_indices), top_loss + bottom_loss
+        levels, top_features = self._quantize_levels(images)
+        (top, top_indices, top_loss), (bottom, bottom_indices, bottom_loss) = levels
+        loss = top_loss + bottom_loss
+        if self.top_image_head is not None:
+            loss = loss + self.config.top_image_weight * self.top_image_loss(top_features, images)
+        return self.decode_levels([top, bottom]), (top_indices, bottom_indices), loss
 
 
 def build_vqvae(config: VQVAEConfig) -> VQVAE | VQVAE2:

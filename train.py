@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--levels", type=int, choices=(1, 2), default=defaults.levels,
                        help="2: VQ-VAE-2, a top code map one halving above the bottom one (at --downsamples); "
                        "each level has its own codebook of --num-embeddings codes")
+    model.add_argument("--top-image-weight", type=float, default=defaults.top_image_weight,
+                       help="two levels: weight of the top level's own loss, the MSE of the image mean-pooled to the "
+                       "bottom map's size, read from the top's decoded features by a 1x1; 0 = off")
     utils.add_run_arguments(parser, epochs=10, batch_size=16, lr=1e-3)
     parser.add_argument("--ssim-weight", type=float, default=0.2, help="weight of (1 - SSIM) added to the MSE")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
@@ -102,7 +105,7 @@ def build_config(args: argparse.Namespace) -> VQVAEConfig:
                        ema_decay=args.ema_decay, dead_code_threshold=args.dead_code_threshold,
                        normalization=args.normalization, code_distance=args.code_distance,
                        lookup_dim=args.lookup_dim, estimator=args.estimator, levels=args.levels,
-                       spatial_dims=args.spatial_dims)
+                       top_image_weight=args.top_image_weight, spatial_dims=args.spatial_dims)
 
 
 def check_image_size(size: tuple[int, ...], multiple: int) -> None:

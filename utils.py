@@ -806,7 +806,7 @@ def save_code_usage_figure(path: str | os.PathLike, code_counts: torch.Tensor, l
 def save_level_contributions(path: str | os.PathLike, model: VQVAE2, images: torch.Tensor,
                              code_counts: torch.Tensor, title: str) -> None:
     """input | both levels | each level alone: decoded with the other levels' codes all set to their mean vector
-    (weighted by how often each code was used), so a user sees what each level carries."""
+    (weighted by how often each code was used), so a user sees what each level carries | the top's own image."""
     model.eval()
     quantized = [quantizer.lookup(codes) for quantizer, codes in zip(model.quantizers, model.code_maps(images))]
     means = []
@@ -818,6 +818,9 @@ def save_level_contributions(path: str | os.PathLike, model: VQVAE2, images: tor
         levels = [vectors if index == kept else mean.view(1, -1, *[1] * (vectors.dim() - 2)).expand_as(vectors)
                   for index, (vectors, mean) in enumerate(zip(quantized, means))]
         columns[f"{level} only"] = model.decode_levels(levels)
+    top_image = model.top_image(quantized[0])
+    if top_image is not None:
+        columns["top's own image"] = F.interpolate(top_image, size=images.shape[2:], mode="nearest")
     save_examples(path, {name: column.float().clamp(0, 1) for name, column in columns.items()},
                   model.config.spatial_dims, title)
 

@@ -68,6 +68,30 @@ def test_the_top_codebook_restarts_at_its_own_rate():
     assert not torch.equal(model.bottom_quantizer.embedding, bottom_codes)
 
 
+def test_the_top_level_is_also_trained_to_give_the_pooled_image():
+    torch.manual_seed(0)
+    model = build_vqvae(VQVAEConfig(levels=2, top_image_weight=0.5, **SMALL)).eval()
+    images = torch.rand(2, 1, 32, 16)
+    model.initialise_codebooks([images])
+    _, _, loss = model(images)
+    levels, top_features = model._quantize_levels(images)
+    pooled = images.view(2, 1, 8, 4, 4, 4).mean(dim=(3, 5))  # 4x4 means: the bottom map's size
+    image_loss = torch.nn.functional.mse_loss(model.top_image_head(top_features), pooled)
+    torch.testing.assert_close(loss, levels[0][2] + levels[1][2] + 0.5 * image_loss)
+    model.top_image_loss(top_features, images).backward()  # through the top codes to the encoders
+    assert model.top_encoder.layers[0].weight.grad.abs().sum() > 0
+    assert model.bottom_encoder.layers[0].weight.grad.abs().sum() > 0
+    assert model.bottom_quantizer.embedding.grad is None and model.decoder.layers[0].weight.grad is None
+    # Off, and in checkpoints written before it existed: no head, so their weights load as they were saved.
+    before = {key: value for key, value in VQVAEConfig(levels=2, **SMALL).to_dict().items()
+              if key != "top_image_weight"}
+    old = build_vqvae(VQVAEConfig.from_dict(before))
+    assert old.top_image_head is None and not any(key.startswith("top_image") for key in old.state_dict())
+    _, _, old_loss = old.eval()(images)
+    old_levels, _ = old._quantize_levels(images)
+    torch.testing.assert_close(old_loss, old_levels[0][2] + old_levels[1][2])
+
+
 def test_stacked_levels_unstack_exactly():
     top, bottom = torch.randint(0, 9, (3, 4, 2)), torch.randint(0, 9, (3, 8, 4))
     stacked = stack_levels([top, bottom])
