@@ -524,6 +524,10 @@ class VQVAE2(_CodeLevels):
     def _bottom_latents(self, features: torch.Tensor, top_features: torch.Tensor) -> torch.Tensor:
         return self.bottom_projection(torch.cat([features, top_features], dim=1))
 
+    def _nearest_top_features(self, top_latents: torch.Tensor) -> torch.Tensor:
+        """The top decoder's features from the codes nearest to top latents, leaving the codebook as it is."""
+        return self.top_decoder(self.top_quantizer.nearest_vectors(top_latents))
+
     def _quantize_levels(self, images: torch.Tensor) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
         """Each level's (quantized, indices, loss), top first, and the top's decoded features."""
         features = self.bottom_encoder(images)
@@ -554,7 +558,7 @@ class VQVAE2(_CodeLevels):
         """Each level's continuous latents before quantization (the bottom one's given the top's codes)."""
         features = self.bottom_encoder(images)
         top = self.top_encoder(features)
-        return [top, self._bottom_latents(features, self.top_decoder(self.top_quantizer.nearest_vectors(top)))]
+        return [top, self._bottom_latents(features, self._nearest_top_features(top))]
 
     def code_map(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(self.code_maps(images))
@@ -567,7 +571,7 @@ class VQVAE2(_CodeLevels):
         top_latents = [self.top_encoder(feature) for feature in features]
         self.top_quantizer.initialise(torch.cat([_rows(latents) for latents in top_latents]), kmeans_iterations,
                                       steps)
-        bottom = [self._bottom_latents(feature, self.top_decoder(self.top_quantizer.nearest_vectors(latents)))
+        bottom = [self._bottom_latents(feature, self._nearest_top_features(latents))
                   for feature, latents in zip(features, top_latents)]
         self.bottom_quantizer.initialise(torch.cat([_rows(latents) for latents in bottom]), kmeans_iterations, steps)
 
