@@ -31,9 +31,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoints
+import figures
 import utils
-from dataset import Preprocessing, SliceSet, checkpoint_data, encode_split, load_split
+from checkpoints import checkpoint_data
+from codes import encode_split
+from dataset import SliceSet, load_split
 from modules import VQVAE, VQVAE2
+from readers import Preprocessing
 from utils import UsageError
 
 FEATURE_SETS = ("bag", "bag_grid", "pooled", "grid", "latent", "latent_grid")
@@ -46,12 +51,8 @@ BAG_GRID = 3
 DEFAULT_FEATURES = ["bag_grid+pooled", "bag+pooled+latent_grid"]
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, and the description's own line breaks kept."""
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     parser.add_argument("-m", "--model", required=True, help="VQ-VAE checkpoint written by train.py")
     parser.add_argument("--data", help="data folder; default: the one the checkpoint was trained on")
     parser.add_argument("--out", default="features.npz", help="where the features are written")
@@ -324,31 +325,18 @@ def check_labels(features: dict[str, SplitFeatures], root: Path) -> None:
         raise UsageError(f"{root}: --probe needs at least two classes, found only '{train.class_names[0]}'")
 
 
-def save_probe_figures(folder: Path, results: dict[str, float], fractions: list[float], sets: list[str],
-                       test: SplitFeatures) -> None:
-    plt = utils.pyplot()
-    fig, (accuracy_axis, pca_axis) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
-    for name in [*sets, *BASELINES]:
-        label = {"pixels": "raw pixels (code-map size)", "pixels_matched": "raw pixels (size of the first set)"}
-        accuracy_axis.errorbar(fractions, [results[f"accuracy_{name}_{p:g}"] for p in fractions],
-                               yerr=[results[f"accuracy_{name}_{p:g}_std"] for p in fractions], marker="o",
-                               markersize=3, capsize=3, linestyle="--" if name in BASELINES else "-",
-                               label=label.get(name, name))
-    accuracy_axis.set_xscale("log")
-    accuracy_axis.set_xlabel("% of training labels used")
-    accuracy_axis.set_ylabel(f"accuracy on the {test.slices.name} split")
-    accuracy_axis.set_title("linear probe: mean and standard deviation over label draws", fontsize=10)
-    accuracy_axis.legend(fontsize=7)
-    accuracy_axis.grid(alpha=0.3)
+def save_probe_figure(folder: Path, results: dict[str, float], fractions: list[float], sets: list[str],
+                      test: SplitFeatures) -> None:
+    """Accuracy against labels used, per feature set, beside the test split's first feature set in 2D (PCA)."""
+    labels = {"pixels": "raw pixels (code-map size)", "pixels_matched": "raw pixels (size of the first set)"}
+    curves = {labels.get(name, name): ([results[f"accuracy_{name}_{p:g}"] for p in fractions],
+                                       [results[f"accuracy_{name}_{p:g}_std"] for p in fractions], name in BASELINES)
+              for name in [*sets, *BASELINES]}
     vectors, = standardised(test.vectors(sets[0]))
     _, _, components = torch.linalg.svd(vectors, full_matrices=False)
-    projected = (vectors @ components[:2].t()).numpy()
-    for class_id, name in enumerate(test.slices.class_names):
-        members = (test.slices.labels == class_id).numpy()
-        pca_axis.scatter(projected[members, 0], projected[members, 1], s=6, alpha=0.6, label=name)
-    pca_axis.set_title(f"PCA of the {sets[0]} features ({test.slices.name} split)", fontsize=10)
-    pca_axis.legend(fontsize=8, markerscale=2)
-    utils.save_figure(fig, folder / "probe.png")
+    classes = {name: vectors[test.slices.labels == class_id] @ components[:2].t()
+               for class_id, name in enumerate(test.slices.class_names)}
+    figures.save_probe_figure(folder / "probe.png", fractions, curves, classes, test.slices.name, sets[0])
 
 
 def check_feature_sets(sets: list[str]) -> None:
@@ -375,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_feature_sets(args.features)
     device = utils.pick_device(args.device)
-    model, checkpoint = utils.load_vqvae(args.model, device)
+    model, checkpoint = checkpoints.load_vqvae(args.model, device)
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
     source = checkpoint_data(checkpoint, args.data)
     matched_size = feature_size(args.features[0], model.config)
@@ -400,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{len(source.class_names)} classes), mean ± standard deviation over {len(seeds)} label draws:")
     print_probe_table(results, args.fractions, args.features)
     folder = Path(args.resources_dir) / Path(args.model).stem
-    save_probe_figures(folder, results, args.fractions, args.features, features[evaluation])
+    save_probe_figure(folder, results, args.fractions, args.features, features[evaluation])
     print(f"figure in {folder}/probe.png")
     if args.metrics_json:
         utils.write_json(args.metrics_json, results)

@@ -1,53 +1,56 @@
-"""The networks: Encoder, VectorQuantizer, Decoder and the VQVAE that joins them; the PixelCNN prior."""
+"""The VQ-VAE networks: Encoder, VectorQuantizer and Decoder, the one-level VQVAE and the two-level VQVAE2 that
+join them, and the config dataclass that describes them. One definition serves 2D and 3D (spatial_dims)."""
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils import Config, option
+
 
 @dataclass
-class VQVAEConfig:
-    in_channels: int = 1
-    hidden_channels: int = 64
-    residual_channels: int = 32
-    num_residual_layers: int = 2
-    downsamples: int = 2  # each halves height and width: codes are 2**downsamples times smaller per side
-    num_embeddings: int = 512  # K, the codebook size
-    embedding_dim: int = 64  # D, the length of each code vector
-    beta: float = 0.25  # weight of the commitment loss
-    quantizer: str = "ema"  # "ema" (moving-average codebook) or "gradient" (codebook trained by its loss)
-    ema_decay: float = 0.99
+class VQVAEConfig(Config):
+    """Everything that makes a VQ-VAE; saved in every checkpoint. The fields with help are train.py's options."""
+
+    in_channels: int = option(1, "1 = grayscale, 3 = RGB", flag="--channels", choices=(1, 3))
+    hidden_channels: int = option(64, "channels of the encoder/decoder at the code resolution")
+    residual_channels: int = option(32, "bottleneck channels inside each residual layer")
+    num_residual_layers: int = option(2, "residual layers in the encoder and in the decoder",
+                                      flag="--residual-layers")
+    downsamples: int = option(2, "each halves height and width (2 = 4x smaller code map per side)")
+    num_embeddings: int = option(512, "codebook size K")
+    embedding_dim: int = option(64, "code vector length D")
+    beta: float = option(0.25, "commitment loss weight")
+    quantizer: str = option("ema", "codebook updated by moving averages, or trained by its gradient",
+                            choices=("ema", "gradient"))
+    ema_decay: float = option(0.99, "moving-average decay of the EMA codebook")
     ema_epsilon: float = 1e-5
-    dead_code_threshold: float = 1.0  # re-seed codes whose moving-average use per step falls below this; 0 = never
-    normalization: str = "none"  # "none" or "group": GroupNorm in the convolutional blocks
-    code_distance: str = "euclidean"  # "euclidean", or "cosine": latents and codes l2-normalised for the search
-    lookup_dim: int = 16  # > 0: search the codebook in this many dimensions, projected from and back to D; 0 = in D
-    estimator: str = "straight_through"  # how gradients pass the quantizer: "straight_through" or "rotation"
-    levels: int = 1  # 2: VQ-VAE-2, a top code map one halving coarser above the bottom one (at `downsamples`)
-    top_image_weight: float = 1.0  # two levels: weight of the top's own loss, the image at the bottom map's size
-    spatial_dims: int = 2  # 2: images [B, C, H, W]; 3: volumes [B, C, D, H, W], the same networks with 3D kernels
+    dead_code_threshold: float = option(1.0, "re-seed codes used less than this per step (moving average; a top "
+                                        "level: this / 2^spatial-dims); 0 = never")
+    normalization: str = option("none", "GroupNorm in the convolutional blocks, or none", choices=("none", "group"))
+    code_distance: str = option("euclidean", "cosine: latents and codes l2-normalised before the nearest-code "
+                                "search (ViT-VQGAN)", choices=("euclidean", "cosine"))
+    lookup_dim: int = option(16, "search the codebook in this many dimensions, projected from D and back "
+                             "(factorised codes); 0 = search in D")
+    estimator: str = option("straight_through", "how gradients pass the quantizer: copied straight through, or by "
+                            "the rotation trick", choices=("straight_through", "rotation"))
+    levels: int = option(1, "2: VQ-VAE-2, a top code map one halving above the bottom one (at --downsamples); each "
+                         "level has its own codebook of --num-embeddings codes", choices=(1, 2))
+    top_image_weight: float = option(1.0, "two levels: weight of the top level's own loss, the MSE of the image "
+                                     "mean-pooled to the bottom map's size, read from the top's decoded features by "
+                                     "a 1x1; 0 = off")
+    spatial_dims: int = option(2, "2: 2D slices (3D files are cut into slices); 3: whole 3D NIfTI volumes, brought "
+                               "to RAS orientation and fitted in physical proportion (voxel spacing from the header)",
+                               choices=(2, 3))
 
-    # What checkpoints written before an option existed were trained with: they load as they were trained, whatever
-    # today's defaults are.
-    LEGACY = {"code_distance": "euclidean", "lookup_dim": 0, "estimator": "straight_through", "levels": 1,
-              "spatial_dims": 2, "top_image_weight": 0.0}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "VQVAEConfig":
-        known = {field.name for field in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown model settings: {sorted(unknown)}")
-        return cls(**{**cls.LEGACY, **values})
+    LEGACY: ClassVar[dict] = {"code_distance": "euclidean", "lookup_dim": 0, "estimator": "straight_through",
+                              "levels": 1, "spatial_dims": 2, "top_image_weight": 0.0}
 
     @property
     def scale(self) -> int:
@@ -66,7 +69,6 @@ class VQVAEConfig:
 
 
 DISTANCE_ELEMENTS = 2**24  # the most entries of the vector-to-code distance matrix held at once (64 MB)
-CONDITION_DILATIONS = (1, 2, 4)  # a conditioned prior's view of the coarser map: 15x15 codes around each position
 
 
 def _distributed() -> bool:
@@ -596,333 +598,3 @@ def as_levels(codes: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor
     return [codes] if torch.is_tensor(codes) else list(codes)
 
 
-# ----------------------------------------------------------------------------- the prior over code maps
-
-@dataclass
-class PriorConfig:
-    num_embeddings: int = 512  # K of the VQ-VAE whose codes are modelled
-    hidden_channels: int = 128
-    num_layers: int = 12
-    kernel_size: int = 3  # odd; the vertical stack sees kernel_size // 2 rows more per layer
-    num_classes: int = 0  # > 0: condition on a class label
-    output_channels: int = 256
-    condition_embeddings: int = 0  # > 0: also condition on a coarser code map (VQ-VAE-2's top codes) with this K
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "PriorConfig":
-        unknown = set(values) - {field.name for field in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown prior settings: {sorted(unknown)}")
-        return cls(**values)
-
-
-class MaskedConv2d(nn.Conv2d):
-    """A convolution whose kernel is multiplied by a fixed 0/1 mask (so masked taps never learn or leak)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, int], padding: tuple[int, int],
-                 mask: torch.Tensor):
-        super().__init__(in_channels, out_channels, kernel, padding=padding)
-        self.register_buffer("mask", mask.view(1, 1, *kernel), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight * self.mask, self.bias)
-
-
-def _gate(x: torch.Tensor) -> torch.Tensor:
-    value, gate = x.chunk(2, dim=1)
-    return torch.tanh(value) * torch.sigmoid(gate)
-
-
-class GatedLayer(nn.Module):
-    """One gated layer with a vertical stack (rows above) and a horizontal stack (left in the row).
-
-    The vertical convolution covers rows i - k//2 .. i and is cropped to the input's height; in the first layer its
-    last kernel row is masked, so it sees only rows above, and so does every later vertical output. The horizontal
-    convolution covers columns j - k//2 .. j; in the first layer its last tap is masked so the current position is
-    never seen. The vertical stack feeds the horizontal one through a 1x1 convolution: no blind spot.
-    """
-
-    def __init__(self, channels: int, kernel_size: int, first: bool, num_classes: int, spatial: bool = False):
-        super().__init__()
-        half = kernel_size // 2
-        vertical_mask = torch.ones(half + 1, kernel_size)
-        horizontal_mask = torch.ones(1, half + 1)
-        if first:
-            vertical_mask[-1] = 0
-            horizontal_mask[0, -1] = 0
-        self.first = first
-        self.vertical = MaskedConv2d(channels, 2 * channels, (half + 1, kernel_size), (half, half), vertical_mask)
-        self.horizontal = MaskedConv2d(channels, 2 * channels, (1, half + 1), (0, half), horizontal_mask)
-        self.vertical_to_horizontal = nn.Conv2d(2 * channels, 2 * channels, 1)
-        self.horizontal_out = nn.Conv2d(channels, channels, 1)
-        self.condition = nn.Embedding(num_classes, 4 * channels) if num_classes > 0 else None
-        # A location-dependent condition (features of a coarser code map, known in full) enters every gated layer
-        # through a 1x1 convolution, as the class does through its embedding.
-        self.spatial = nn.Conv2d(channels, 4 * channels, 1) if spatial else None
-
-    def conditions(self, labels: torch.Tensor | None, spatial: torch.Tensor | None,
-                   ) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-        """What the class and the spatial condition add before the vertical and the horizontal gates."""
-        vertical = horizontal = 0.0
-        if self.condition is not None and labels is not None:
-            vertical, horizontal = self.condition(labels)[:, :, None, None].chunk(2, dim=1)
-        if self.spatial is not None and spatial is not None:
-            spatial_vertical, spatial_horizontal = self.spatial(spatial).chunk(2, dim=1)
-            vertical, horizontal = vertical + spatial_vertical, horizontal + spatial_horizontal
-        return vertical, horizontal
-
-    def vertical_step(self, x_vertical: torch.Tensor, conditions: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (vertical output, pre-gate vertical features that feed the horizontal stack)."""
-        features = self.vertical(x_vertical)[:, :, : x_vertical.shape[2]]
-        return _gate(features + conditions[0]), features
-
-    def horizontal_step(self, x_horizontal: torch.Tensor, vertical_features: torch.Tensor,
-                        conditions: tuple) -> torch.Tensor:
-        features = self.horizontal(x_horizontal)[:, :, :, : x_horizontal.shape[3]]
-        out = self.horizontal_out(_gate(features + self.vertical_to_horizontal(vertical_features) + conditions[1]))
-        return out if self.first else out + x_horizontal  # residual (the first layer's input is the current code)
-
-
-class GatedPixelCNN(nn.Module):
-    """Autoregressive prior over code maps (van den Oord et al. 2016, gated PixelCNN with two stacks).
-
-    forward(codes [B, H, W] long, labels [B] long or None, condition [B, H/2, W/2] long or None) -> logits
-    [B, K, H, W]; logits at (i, j) depend only on codes before (i, j) in raster order, and on the class and the
-    condition map (a coarser level's codes, when config.condition_embeddings > 0), of which every position sees the
-    15x15 coarse codes around it (dilated convolutions), and more through the stacks.
-    """
-
-    def __init__(self, config: PriorConfig):
-        super().__init__()
-        self.config = config
-        channels = config.hidden_channels
-        spatial = config.condition_embeddings > 0
-        self.embedding = nn.Embedding(config.num_embeddings, channels)
-        self.layers = nn.ModuleList(GatedLayer(channels, config.kernel_size, index == 0, config.num_classes, spatial)
-                                    for index in range(config.num_layers))
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, config.output_channels, 1), nn.ReLU(),
-                                  nn.Conv2d(config.output_channels, config.num_embeddings, 1))
-        if spatial:  # the coarser map's codes (all known): embedded, mixed by dilated 3x3 convolutions, upsampled
-            self.condition_embedding = nn.Embedding(config.condition_embeddings, channels)
-            self.condition_network = nn.Sequential(*(module for dilation in CONDITION_DILATIONS for module in (
-                nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation), nn.ReLU())))
-
-    def _embed(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.embedding(codes).permute(0, 3, 1, 2)
-
-    def spatial_features(self, condition: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
-        """Features [B, C, H, W] of the condition map at the size of the modelled map."""
-        if condition is None or self.config.condition_embeddings == 0:
-            return None
-        features = self.condition_network(self.condition_embedding(condition).permute(0, 3, 1, 2))
-        return F.interpolate(features, size=shape, mode="nearest")
-
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
-                condition: torch.Tensor | None = None) -> torch.Tensor:
-        spatial = self.spatial_features(condition, codes.shape[-2:])
-        x_vertical = x_horizontal = self._embed(codes)
-        for layer in self.layers:
-            conditions = layer.conditions(labels, spatial)
-            x_vertical, features = layer.vertical_step(x_vertical, conditions)
-            x_horizontal = layer.horizontal_step(x_horizontal, features, conditions)
-        return self.head(x_horizontal)
-
-    def bits_per_code(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
-                      condition: torch.Tensor | None = None) -> torch.Tensor:
-        """-log2 p(codes | label, condition) / (H W) of each code map [B, H, W]."""
-        return bits_per_code(self(codes, labels, condition), codes)
-
-    # The level-generic interface, shared with HierarchicalPrior: code maps come as a list, one per level.
-    levels = ("codes",)
-
-    def level_bits(self, levels: Sequence[torch.Tensor], labels: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """-log2 p of each map of each level [B], in bits (not per code)."""
-        codes = levels[0]
-        return [self.bits_per_code(codes, labels) * codes[0].numel()]
-
-    def level_logits(self, levels: Sequence[torch.Tensor], labels: torch.Tensor | None = None) -> list[torch.Tensor]:
-        return [self(levels[0], labels)]
-
-    def sample_levels(self, batch_size: int, shapes: Sequence[Sequence[int]], labels: torch.Tensor | None = None,
-                      temperature: float = 1.0, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        return [self.sample(batch_size, tuple(shapes[0]), labels, temperature, generator)]
-
-    @torch.inference_mode()
-    def sample(self, batch_size: int, shape: tuple[int, int], labels: torch.Tensor | None = None,
-               temperature: float = 1.0, generator: torch.Generator | None = None,
-               condition: torch.Tensor | None = None) -> torch.Tensor:
-        """Code maps [B, H, W] drawn in raster order, all B at once, computing each layer's output once.
-
-        Every layer keeps the rows (vertical stack) and columns (horizontal stack) it has already computed, so a
-        new position costs one column of each layer, done with small matrix products: about one forward pass
-        for the whole map. A spatial condition is known in full before the first draw, so each layer's share of
-        it is computed once and read row by row.
-        """
-        height, width = shape
-        device = self.embedding.weight.device
-        codes = torch.zeros(batch_size, height, width, dtype=torch.long, device=device)
-        channels = self.config.hidden_channels
-        spatial = self.spatial_features(condition, (height, width))
-        layers = [_SamplingLayer(layer, layer.conditions(labels, spatial)) for layer in self.layers]
-        head = [module for module in self.head if isinstance(module, nn.Conv2d)]
-        # vertical_inputs[l]: what layer l's vertical convolution reads, filled row by row
-        vertical_inputs = [torch.zeros(batch_size, channels, height, width, device=device) for _ in layers]
-        for i in range(height):
-            to_horizontal = []  # per layer: row i's vertical contribution to the horizontal stack, as [W, B, 2C]
-            for index, layer in enumerate(layers):
-                features = layer.vertical_row(vertical_inputs[index], i)
-                if index + 1 < len(layers):
-                    vertical_inputs[index + 1][:, :, i: i + 1] = _gate(layer.add_vertical_condition(features, i))
-                to_horizontal.append(layer.to_horizontal(features, i))
-            # horizontal_inputs[l][j]: what layer l's horizontal stack reads at column j of row i, as [B, C]
-            horizontal_inputs = torch.zeros(len(layers), width, batch_size, channels, device=device)
-            for j in range(width):
-                for index, layer in enumerate(layers):
-                    out = layer.column(horizontal_inputs[index], j, to_horizontal[index][j])
-                    if index + 1 < len(layers):
-                        horizontal_inputs[index + 1, j] = out
-                hidden = F.linear(F.relu(out), head[0].weight[:, :, 0, 0], head[0].bias)
-                logits = F.linear(F.relu(hidden), head[1].weight[:, :, 0, 0], head[1].bias)
-                chosen = draw_codes(logits, temperature, generator)
-                codes[:, i, j] = chosen
-                embedded = self.embedding(chosen)
-                horizontal_inputs[0, j] = embedded
-                vertical_inputs[0][:, :, i, j] = embedded
-        return codes
-
-
-class HierarchicalPrior(nn.Module):
-    """The prior over a VQ-VAE-2's codes: the top map on its own (class-conditional when there are classes), the
-    bottom map conditioned also on the top map (a location-dependent condition inside every gated layer).
-
-    forward([top, bottom], labels) -> [top logits, bottom logits]; the level-generic methods are GatedPixelCNN's."""
-
-    levels = ("top", "bottom")
-
-    def __init__(self, top: PriorConfig, bottom: PriorConfig):
-        super().__init__()
-        self.top, self.bottom = GatedPixelCNN(top), GatedPixelCNN(bottom)
-
-    def forward(self, levels: Sequence[torch.Tensor], labels: torch.Tensor | None = None) -> list[torch.Tensor]:
-        return self.level_logits(levels, labels)
-
-    def level_logits(self, levels: Sequence[torch.Tensor], labels: torch.Tensor | None = None) -> list[torch.Tensor]:
-        top, bottom = levels
-        return [self.top(top, labels), self.bottom(bottom, labels, condition=top)]
-
-    def level_bits(self, levels: Sequence[torch.Tensor], labels: torch.Tensor | None = None) -> list[torch.Tensor]:
-        return [bits_per_code(logits, codes) * codes[0].numel()
-                for logits, codes in zip(self.level_logits(levels, labels), levels)]
-
-    def sample_levels(self, batch_size: int, shapes: Sequence[Sequence[int]], labels: torch.Tensor | None = None,
-                      temperature: float = 1.0, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        """Top maps first, then bottom maps conditioned on them."""
-        top = self.top.sample(batch_size, tuple(shapes[0]), labels, temperature, generator)
-        return [top, self.bottom.sample(batch_size, tuple(shapes[1]), labels, temperature, generator, condition=top)]
-
-
-def mixture_level_bits(per_class: Sequence[Sequence[torch.Tensor]], class_log_prior: Sequence[float],
-                       ) -> list[torch.Tensor]:
-    """Bits per level of maps that have no class label, under a class-conditional prior: the levels up to l have
-    the mixture likelihood sum_c p(c) p(levels <= l | c), and level l gets what it adds to the levels before it.
-
-    per_class[c][l]: bits [B] of level l under class c; class_log_prior: log p(c), natural logs, as plain numbers
-    (so that nothing is read back from the GPU)."""
-    levels = len(per_class[0])
-    cumulative = [[sum(bits[: level + 1]) for bits in per_class] for level in range(levels)]
-    mixture = [-torch.logsumexp(torch.stack([log_share - math.log(2) * bits for log_share, bits
-                                              in zip(class_log_prior, per_level)], dim=1), dim=1) / math.log(2)
-               for per_level in cumulative]
-    return [mixture[0]] + [mixture[level] - mixture[level - 1] for level in range(1, levels)]
-
-
-def build_prior(configs: Sequence[PriorConfig]) -> GatedPixelCNN | HierarchicalPrior:
-    """One prior per level: a GatedPixelCNN for one-level VQ-VAEs, a HierarchicalPrior for two."""
-    return GatedPixelCNN(configs[0]) if len(configs) == 1 else HierarchicalPrior(*configs)
-
-
-def stack_levels(levels: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Code maps of several levels [N, h_l, w_l] (coarsest first, each half the next) as one tensor [N, L, h, w]
-    at the finest size, coarser maps repeated 2x2 per halving; a single level stays [N, h, w]."""
-    if len(levels) == 1:
-        return levels[0]
-    height, width = levels[-1].shape[-2:]
-    return torch.stack([level.repeat_interleave(height // level.shape[-2], dim=-2)
-                        .repeat_interleave(width // level.shape[-1], dim=-1) for level in levels], dim=1)
-
-
-def unstack_levels(stacked: torch.Tensor, count: int) -> list[torch.Tensor]:
-    """stack_levels undone: [B, L, h, w] back to one map per level (each coarser level every 2nd row and column)."""
-    if count == 1:
-        return [stacked]
-    return [stacked[:, level, :: 2 ** (count - 1 - level), :: 2 ** (count - 1 - level)] for level in range(count)]
-
-
-def bits_per_code(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of logits [B, K, H, W] against codes [B, H, W] in bits, one mean value per code map."""
-    return F.cross_entropy(logits.float(), codes, reduction="none").mean(dim=(1, 2)) / math.log(2)
-
-
-def draw_codes(logits: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
-               ) -> torch.Tensor:
-    """One code per row of logits [B, K], drawn from softmax(logits / temperature) by inverting the cumulative
-    distribution: one uniform number per row (torch.multinomial draws K per row: 4x slower on [64, 512] here)."""
-    probabilities = torch.softmax(logits.float() / max(temperature, 1e-6), dim=1)
-    cumulative = probabilities.cumsum(dim=1)
-    uniform = torch.rand(len(logits), 1, device=logits.device, generator=generator) * cumulative[:, -1:]
-    return (cumulative < uniform).sum(dim=1).clamp_max(logits.shape[1] - 1)
-
-
-class _SamplingLayer:
-    """One gated layer with its masks, biases and conditions folded in, computing one row of the vertical stack and
-    then one column at a time of the horizontal stack while sampling. A condition is [B, 2C, 1, 1] (a class) or
-    [B, 2C, H, W] (a coarser code map: its row i is read for row i)."""
-
-    def __init__(self, layer: GatedLayer, conditions: tuple):
-        self.half = layer.vertical.kernel_size[1] // 2
-        self.vertical_weight, self.vertical_bias = layer.vertical.weight * layer.vertical.mask, layer.vertical.bias
-        self.vertical_condition, self.horizontal_condition = (
-            condition if torch.is_tensor(condition) else None for condition in conditions)
-        # The horizontal convolution's bias joins the vertical-to-horizontal one, so a column adds neither.
-        self.to_horizontal_weight = layer.vertical_to_horizontal.weight
-        self.to_horizontal_bias = layer.vertical_to_horizontal.bias + layer.horizontal.bias
-        weight = layer.horizontal.weight * layer.horizontal.mask  # [2C, C, 1, taps]
-        self.taps = [weight[:, :, 0, tap].t() for tap in range(weight.shape[-1])]
-        self.out_weight, self.out_bias = layer.horizontal_out.weight[:, :, 0, 0].t(), layer.horizontal_out.bias
-        self.first = layer.first
-
-    @staticmethod
-    def _row(condition: torch.Tensor | None, i: int) -> torch.Tensor | float:
-        if condition is None:
-            return 0.0
-        return condition if condition.shape[-2] == 1 else condition[:, :, i: i + 1]
-
-    def vertical_row(self, inputs: torch.Tensor, i: int) -> torch.Tensor:
-        """Pre-gate vertical features [B, 2C, 1, W] of row i, from inputs [B, C, H, W] filled up to row i."""
-        # Exactly the kernel's rows i - half .. i (zeros above the map), so only row i is computed.
-        window = F.pad(inputs[:, :, max(0, i - self.half): i + 1], (0, 0, max(0, self.half - i), 0))
-        return F.conv2d(window, self.vertical_weight, self.vertical_bias, padding=(0, self.half))
-
-    def add_vertical_condition(self, features: torch.Tensor, i: int) -> torch.Tensor:
-        return features + self._row(self.vertical_condition, i)
-
-    def to_horizontal(self, features: torch.Tensor, i: int) -> torch.Tensor:
-        """The vertical stack's contribution [W, B, 2C] to each column of the horizontal stack in row i."""
-        row = F.conv2d(features, self.to_horizontal_weight, self.to_horizontal_bias)
-        row = row + self._row(self.horizontal_condition, i)
-        return row[:, :, 0].permute(2, 0, 1).contiguous()
-
-    def column(self, inputs: torch.Tensor, j: int, from_vertical: torch.Tensor) -> torch.Tensor:
-        """Output at column j from inputs [W, B, C] of columns <= j and the vertical stack's [B, 2C] there."""
-        features = from_vertical
-        for tap, matrix in enumerate(self.taps):
-            source = j - self.half + tap
-            if source >= 0 and not (self.first and tap == self.half):  # the first layer never sees column j itself
-                features = torch.addmm(features, inputs[source], matrix)
-        gated = _gate(features)
-        if self.first:
-            return torch.addmm(self.out_bias, gated, self.out_weight)
-        return torch.addmm(inputs[j], gated, self.out_weight).add_(self.out_bias)  # residual

@@ -14,15 +14,20 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
+import figures
+import metrics
 import utils
-from dataset import BatchLoader, Preprocessing, checkpoint_data, encode_split, evaluation_data, load_split, \
-    prior_evaluation_loaders
-from modules import stack_levels
+from checkpoints import checkpoint_data, evaluation_data
+from codes import encode_split, prior_evaluation_loaders
+from dataset import BatchLoader, load_split
+from readers import Preprocessing
+from sampling import stack_levels
 from utils import UsageError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     parser.add_argument("-m", "--model", required=True,
                         help="checkpoint written by train.py (VQ-VAE) or train_prior.py (prior)")
     parser.add_argument("--data", help="data folder (a folder without split folders, or a single file, is evaluated "
@@ -57,10 +62,10 @@ def choose_split(available: dict, wanted: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = utils.pick_device(args.device)
-    checkpoint = utils.load_checkpoint(args.model)
+    checkpoint = checkpoints.load_checkpoint(args.model)
     if checkpoint["kind"] == "prior":
         return predict_prior(args, device, checkpoint)
-    model, checkpoint = utils.load_vqvae(args.model, device, checkpoint)
+    model, checkpoint = checkpoints.load_vqvae(args.model, device, checkpoint)
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
     source = evaluation_data(checkpoint, args.data)
     for note in source.notes[:1] if args.data else []:
@@ -70,39 +75,39 @@ def main(argv: list[str] | None = None) -> dict:
     dims = model.config.spatial_dims
     items = utils.items_name(dims)
     loader = BatchLoader(slices.images, slices.labels, args.batch_size, shuffle=False, device=device)
-    results = utils.evaluate_vqvae(model, loader, description=split)
+    results = metrics.evaluate_vqvae(model, loader, description=split)
 
     ssim = results["ssim_per_image"]
     use = {key: value for key, value in results.items() if key.startswith(("codebook_usage", "perplexity"))}
-    metrics = {"ssim_mean": ssim.mean().item(), "ssim_min": ssim.min().item(), "ssim_max": ssim.max().item(),
+    report = {"ssim_mean": ssim.mean().item(), "ssim_min": ssim.min().item(), "ssim_max": ssim.max().item(),
                "psnr_mean": results["psnr"], "mae_mean": results["mae"], **use, "num_images": len(slices),
                "split": split}
-    code_use = "; ".join(f"{label}codebook usage {metrics['codebook_usage' + suffix]:.3f} (perplexity "
-                         f"{metrics['perplexity' + suffix]:.1f} of {model.config.num_embeddings})"
-                         for suffix, label in utils.level_names(model.levels))
-    print(f"{split} split, {len(slices)} {items}: {'3D ' if dims == 3 else ''}SSIM mean {metrics['ssim_mean']:.4f} "
-          f"(min {metrics['ssim_min']:.4f}, max {metrics['ssim_max']:.4f}) | PSNR {metrics['psnr_mean']:.2f} dB | "
-          f"MAE {metrics['mae_mean']:.4f} | "
+    code_use = "; ".join(f"{label}codebook usage {report['codebook_usage' + suffix]:.3f} (perplexity "
+                         f"{report['perplexity' + suffix]:.1f} of {model.config.num_embeddings})"
+                         for suffix, label in metrics.level_names(model.levels))
+    print(f"{split} split, {len(slices)} {items}: {'3D ' if dims == 3 else ''}SSIM mean {report['ssim_mean']:.4f} "
+          f"(min {report['ssim_min']:.4f}, max {report['ssim_max']:.4f}) | PSNR {report['psnr_mean']:.2f} dB | "
+          f"MAE {report['mae_mean']:.4f} | "
           f"{code_use}")
     if args.metrics_json:
-        utils.write_json(args.metrics_json, metrics)
+        utils.write_json(args.metrics_json, report)
 
-    figures = Path(args.resources_dir) / Path(args.model).stem
+    figures_dir = Path(args.resources_dir) / Path(args.model).stem
     examples = args.examples or (3 if dims == 3 else 8)
     shown = slices.as_float(torch.linspace(0, len(slices) - 1, min(examples, len(slices))).long()).to(device)
-    utils.save_reconstructions(figures / f"{split}_reconstructions.png", model, shown,
+    figures.save_reconstructions(figures_dir / f"{split}_reconstructions.png", model, shown,
                                f"{split} {items}: input | code map{'s' if len(model.levels) > 1 else ''} | "
                                "reconstruction" + (" (mid-planes)" if dims == 3 else ""))
     if len(model.levels) > 1:
-        utils.save_level_contributions(figures / f"{split}_levels.png", model, shown, results["code_counts"],
+        figures.save_level_contributions(figures_dir / f"{split}_levels.png", model, shown, results["code_counts"],
                                        f"{split} {items}: what each level carries (the other held at its mean code)")
-    utils.save_histogram(figures / f"{split}_ssim_histogram.png", ssim.numpy(),
+    figures.save_histogram(figures_dir / f"{split}_ssim_histogram.png", ssim.numpy(),
                          f"per-{items[:-1]} {'3D ' if dims == 3 else ''}SSIM on the {split} split "
-                         f"(mean {metrics['ssim_mean']:.3f})", "SSIM")
-    utils.save_code_usage_figure(figures / f"{split}_code_usage.png", results["code_counts"], model.levels,
+                         f"(mean {report['ssim_mean']:.3f})", "SSIM")
+    figures.save_code_usage_figure(figures_dir / f"{split}_code_usage.png", results["code_counts"], model.levels,
                                  f"code use on the {split} split ({model.config.num_embeddings} codes per level)")
-    print(f"figures in {figures}/")
-    return metrics
+    print(f"figures in {figures_dir}/")
+    return report
 
 
 def sample_labels(args: argparse.Namespace, checkpoint: dict, device: torch.device) -> torch.Tensor | None:
@@ -153,7 +158,7 @@ def code_shapes(checkpoint: dict) -> list[list[int]]:
 
 
 def predict_prior(args: argparse.Namespace, device: torch.device, checkpoint: dict) -> dict:
-    prior, checkpoint, vqvae, vqvae_checkpoint = utils.load_prior(args.model, device, args.vqvae, checkpoint)
+    prior, checkpoint, vqvae, vqvae_checkpoint = checkpoints.load_prior(args.model, device, args.vqvae, checkpoint)
     prep = Preprocessing.from_dict(vqvae_checkpoint["preprocessing"])
     source = checkpoint_data(vqvae_checkpoint, args.data)
     split = choose_split(source.files, args.split)
@@ -164,33 +169,33 @@ def predict_prior(args: argparse.Namespace, device: torch.device, checkpoint: di
     if unlabelled is not None:
         print(f"{len(unlabelled.data)} {split} slices have no class folder: their NLL is the class-mixture likelihood")
     counts = checkpoint.get("class_counts") or [1] * len(checkpoint["class_names"])  # older checkpoints: uniform
-    nll = utils.evaluate_prior(prior, loader, utils.class_log_prior(counts) if conditional else None, unlabelled)
+    nll = metrics.evaluate_prior(prior, loader, metrics.class_log_prior(counts) if conditional else None, unlabelled)
     uniform = math.log2(vqvae.config.num_embeddings)
-    metrics = {f"nll_{key}": value for key, value in nll.items()}
-    metrics.update({"uniform_bits_per_code": uniform, "num_images": len(slices), "split": split})
-    per_level = utils.format_level_bits(nll, prior.levels)
+    report = {f"nll_{key}": value for key, value in nll.items()}
+    report.update({"uniform_bits_per_code": uniform, "num_images": len(slices), "split": split})
+    per_level = metrics.format_level_bits(nll, prior.levels)
     print(f"{split} split, {len(slices)} code maps: NLL {nll['bits_per_code']:.3f} bits per code "
           f"({nll['bits_per_code'] / uniform:.0%} of the {uniform:.2f} bits of uniform guessing{per_level}), "
           f"{nll['bits_per_image']:.0f} bits per image")
-    figures = Path(args.resources_dir) / Path(args.model).stem
+    figures_dir = Path(args.resources_dir) / Path(args.model).stem
     if args.sample > 0:
         sampled_codes, images, seconds = generate(args, prior, checkpoint, vqvae, device)
-        metrics["sample_seconds"] = seconds
+        report["sample_seconds"] = seconds
         shapes = " and ".join(f"{height}x{width}" for height, width in code_shapes(checkpoint))
         print(f"sampled {args.sample} code maps of {shapes} in {seconds:.2f}s on {device}")
         train_slices = load_split(source, "train", prep, args.cache_dir, min_side=vqvae.config.image_multiple)
-        utils.save_image_grid(figures / "samples.png", images, title=f"{args.sample} generated slices "
+        figures.save_image_grid(figures_dir / "samples.png", images, title=f"{args.sample} generated slices "
                               f"(temperature {args.temperature:g}, seed {args.seed})")
         shown = slice(0, min(8, args.sample))
-        maps = utils.code_columns(vqvae, [level[shown] for level in sampled_codes])
-        utils.save_image_rows(figures / "samples_with_nearest.png",
+        maps = figures.code_columns(vqvae, [level[shown] for level in sampled_codes])
+        figures.save_image_rows(figures_dir / "samples_with_nearest.png",
                               {"generated": images[shown], **maps,
                                "nearest training slice": nearest_slices(images[shown], train_slices)},
-                              code_colours=utils.model_code_colours(vqvae, list(maps)))
-        print(f"figures in {figures}/")
+                              code_colours=figures.model_code_colours(vqvae, list(maps)))
+        print(f"figures in {figures_dir}/")
     if args.metrics_json:
-        utils.write_json(args.metrics_json, metrics)
-    return metrics
+        utils.write_json(args.metrics_json, report)
+    return report
 
 
 if __name__ == "__main__":

@@ -21,10 +21,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoints
+import figures
+import metrics
 import utils
-from dataset import BatchLoader, DataSource, Preprocessing, SliceSet, find_data, load_split, make_demo_data, \
-    native_image_size
+from dataset import BatchLoader, DataSource, SliceSet, find_data, load_split
+from demo import make_demo_data
 from modules import VQVAE, VQVAE2, VQVAEConfig, build_vqvae
+from readers import Preprocessing, native_image_size
 from utils import UsageError, progress_bar
 
 DEFAULT_DEMO_DIR = "data/demo"
@@ -32,19 +36,14 @@ RECONSTRUCTION_EXAMPLES = {2: 6, 3: 2}  # slices, or volumes (each shown in thre
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = VQVAEConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--data", help="data folder (HipMRI, OASIS or train/val/test layout); none = built-in demo")
     data.add_argument("--demo-dir", default=DEFAULT_DEMO_DIR, help="where the demo data is generated")
-    data.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2,
-                      help="2: 2D slices (3D files are cut into slices); 3: whole 3D NIfTI volumes, brought to RAS "
-                      "orientation and fitted in physical proportion (voxel spacing from the header)")
     data.add_argument("--image-size", type=int, nargs="+", metavar="N",
                       help="H W (volumes: X Y Z, along the right, anterior and superior axes), or one N for all "
                       "sides; default: the most common shape in the training split (volumes: in voxels of their "
                       "finest spacing)")
-    data.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1 = grayscale, 3 = RGB")
     data.add_argument("--resize", choices=("fit", "crop"), default="fit",
                       help="keep the aspect ratio: fit inside and pad, or cover and centre-crop")
     data.add_argument("--slice-axis", type=int, default=2, help="axis along which 3D NIfTI volumes are sliced")
@@ -52,41 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="held out of train when there is no val split (whole cases when file names tell them)")
     data.add_argument("--cache-dir", default=".cache/slices", help="where decoded slices are cached")
     model = parser.add_argument_group("model")
-    model.add_argument("--hidden-channels", type=int, default=defaults.hidden_channels,
-                       help="channels of the encoder/decoder at the code resolution")
-    model.add_argument("--residual-channels", type=int, default=defaults.residual_channels,
-                       help="bottleneck channels inside each residual layer")
-    model.add_argument("--residual-layers", type=int, default=defaults.num_residual_layers,
-                       help="residual layers in the encoder and in the decoder")
-    model.add_argument("--downsamples", type=int, default=defaults.downsamples,
-                       help="each halves height and width (2 = 4x smaller code map per side)")
-    model.add_argument("--num-embeddings", type=int, default=defaults.num_embeddings, help="codebook size K")
-    model.add_argument("--embedding-dim", type=int, default=defaults.embedding_dim, help="code vector length D")
-    model.add_argument("--beta", type=float, default=defaults.beta, help="commitment loss weight")
-    model.add_argument("--quantizer", choices=("ema", "gradient"), default=defaults.quantizer,
-                       help="codebook updated by moving averages, or trained by its gradient")
-    model.add_argument("--ema-decay", type=float, default=defaults.ema_decay,
-                       help="moving-average decay of the EMA codebook")
-    model.add_argument("--dead-code-threshold", type=float, default=defaults.dead_code_threshold,
-                       help="re-seed codes used less than this per step (moving average; a top level: this / "
-                       "2^spatial-dims); 0 = never")
+    utils.add_config_arguments(model, VQVAEConfig)
     model.add_argument("--kmeans-init", action="store_true", help="initialise the codebook by k-means on encoder "
                        "outputs of the first batches (default: a random draw of them)")
-    model.add_argument("--normalization", choices=("none", "group"), default=defaults.normalization,
-                       help="GroupNorm in the convolutional blocks, or none")
-    model.add_argument("--code-distance", choices=("euclidean", "cosine"), default=defaults.code_distance,
-                       help="cosine: latents and codes l2-normalised before the nearest-code search (ViT-VQGAN)")
-    model.add_argument("--lookup-dim", type=int, default=defaults.lookup_dim,
-                       help="search the codebook in this many dimensions, projected from D and back (factorised "
-                       "codes); 0 = search in D")
-    model.add_argument("--estimator", choices=("straight_through", "rotation"), default=defaults.estimator,
-                       help="how gradients pass the quantizer: copied straight through, or by the rotation trick")
-    model.add_argument("--levels", type=int, choices=(1, 2), default=defaults.levels,
-                       help="2: VQ-VAE-2, a top code map one halving above the bottom one (at --downsamples); "
-                       "each level has its own codebook of --num-embeddings codes")
-    model.add_argument("--top-image-weight", type=float, default=defaults.top_image_weight,
-                       help="two levels: weight of the top level's own loss, the MSE of the image mean-pooled to the "
-                       "bottom map's size, read from the top's decoded features by a 1x1; 0 = off")
     utils.add_run_arguments(parser, epochs=10, batch_size=16, lr=1e-3)
     parser.add_argument("--ssim-weight", type=float, default=0.2, help="weight of (1 - SSIM) added to the MSE")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
@@ -98,14 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_config(args: argparse.Namespace) -> VQVAEConfig:
-    return VQVAEConfig(in_channels=args.channels, hidden_channels=args.hidden_channels,
-                       residual_channels=args.residual_channels, num_residual_layers=args.residual_layers,
-                       downsamples=args.downsamples, num_embeddings=args.num_embeddings,
-                       embedding_dim=args.embedding_dim, beta=args.beta, quantizer=args.quantizer,
-                       ema_decay=args.ema_decay, dead_code_threshold=args.dead_code_threshold,
-                       normalization=args.normalization, code_distance=args.code_distance,
-                       lookup_dim=args.lookup_dim, estimator=args.estimator, levels=args.levels,
-                       top_image_weight=args.top_image_weight, spatial_dims=args.spatial_dims)
+    return utils.config_from_args(VQVAEConfig, args)
 
 
 def check_image_size(size: tuple[int, ...], multiple: int) -> None:
@@ -187,7 +147,7 @@ class EpochTotals:
 
     def add(self, recon_loss: torch.Tensor, vq_loss: torch.Tensor, codes, items: int) -> None:
         self.losses += torch.stack([recon_loss.detach(), vq_loss.detach().float()])
-        self.code_counts += utils.level_code_counts(codes, self.code_counts.shape[1])
+        self.code_counts += metrics.level_code_counts(codes, self.code_counts.shape[1])
         self.batches += 1
         self.items += items
 
@@ -199,7 +159,7 @@ class EpochTotals:
 
     def metrics(self, levels: tuple[str, ...]) -> dict:
         recon, vq = (self.losses / max(1, self.batches)).tolist()
-        use = utils.code_use(self.code_counts, levels)
+        use = metrics.code_use(self.code_counts, levels)
         return {"train_recon_loss": recon, "train_vq_loss": vq, **{f"train_{key}": value for key, value in use.items()}}
 
     def to_dict(self) -> dict:
@@ -220,7 +180,7 @@ class EpochTotals:
 def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, ssim_weight: float) -> torch.Tensor:
     loss = F.mse_loss(reconstruction.float(), images)
     if ssim_weight > 0:
-        loss = loss + ssim_weight * (1 - utils.ssim_per_image(reconstruction, images).mean())
+        loss = loss + ssim_weight * (1 - metrics.ssim_per_image(reconstruction, images).mean())
     return loss
 
 
@@ -271,8 +231,8 @@ def initialise_codebook(model: VQVAE | VQVAE2, loader: BatchLoader, kmeans: bool
 
 
 def save_curves(path: Path, rows: list[dict], levels: tuple[str, ...]) -> None:
-    suffixes = utils.level_suffixes(levels)
-    utils.save_training_curves(path, rows, {
+    suffixes = metrics.level_suffixes(levels)
+    figures.save_training_curves(path, rows, {
         "loss": ("train_recon_loss", "train_vq_loss", "val_loss"),
         "validation SSIM": ("val_ssim",),
         "validation MAE": ("val_mae",),
@@ -283,7 +243,7 @@ def save_curves(path: Path, rows: list[dict], levels: tuple[str, ...]) -> None:
 
 def format_epoch(epoch: int, row: dict, levels: tuple[str, ...]) -> str:
     use = " ".join(f"{label}perplexity {row[f'val_perplexity{suffix}']:.1f} usage "
-                   f"{row[f'val_codebook_usage{suffix}']:.3f}" for suffix, label in utils.level_names(levels))
+                   f"{row[f'val_codebook_usage{suffix}']:.3f}" for suffix, label in metrics.level_names(levels))
     return (f"epoch {epoch:3d} | train recon {row['train_recon_loss']:.5f} vq {row['train_vq_loss']:.5f} | "
             f"val loss {row['val_loss']:.5f} ssim {row['val_ssim']:.4f} psnr {row['val_psnr']:.2f} "
             f"mae {row['val_mae']:.4f} | {use} | {row['seconds']:.0f}s")
@@ -303,7 +263,7 @@ def explicit_options(argv: list[str]) -> set[str]:
 
 def resume_settings(args: argparse.Namespace, argv: list[str]) -> tuple[argparse.Namespace, dict]:
     """The resumed run's own settings, with the few options that may change taken from this command line."""
-    checkpoint = utils.load_checkpoint(args.resume, expected_kind="vqvae")
+    checkpoint = checkpoints.load_checkpoint(args.resume, expected_kind="vqvae")
     if "training" not in checkpoint:
         raise UsageError(f"{args.resume}: holds no training state to resume from")
     settings = argparse.Namespace(**{**vars(args), **checkpoint["args"]})
@@ -387,7 +347,7 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
 
     def save(path: Path, epoch: int, summed: EpochTotals, row: dict) -> None:
         """A checkpoint; `row` holds the metrics of an evaluation at this point, or is empty midway."""
-        utils.save_checkpoint(path, {
+        checkpoints.save_checkpoint(path, {
             "kind": "vqvae", "config": config.to_dict(), "preprocessing": prep.to_dict(), "run_name": run_name,
             "data": {"root": str(data.source.root), "class_names": data.source.class_names,
                      "demo": args.data is None, "val_fraction": args.val_fraction},
@@ -413,7 +373,7 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
     while epoch <= args.epochs and not clock.out_of_steps:
         totals = train(epoch, train_loader, step_model, optimizer, clock, args, totals, precision,
                        on_checkpoint=lambda t, e=epoch: save_midway(t, e))
-        val = utils.evaluate_vqvae(model, val_loader, ssim_weight=args.ssim_weight, precision=precision)
+        val = metrics.evaluate_vqvae(model, val_loader, ssim_weight=args.ssim_weight, precision=precision)
         summed = totals.synced()
         row = {"epoch": epoch, "step": clock.step, **summed.metrics(model.levels),
                **{f"val_{key}": value for key, value in val.items() if key not in ("ssim_per_image", "code_counts")},
@@ -426,7 +386,7 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
                 best_ssim = row["val_ssim"]
                 save(best_path, epoch, summed, row)
             save(last_path, epoch, summed, row)
-            utils.save_reconstructions(figures_dir / f"reconstructions_epoch_{epoch:03d}.png", model, examples,
+            figures.save_reconstructions(figures_dir / f"reconstructions_epoch_{epoch:03d}.png", model, examples,
                                        f"{run_name}, epoch {epoch}: validation SSIM {row['val_ssim']:.3f}")
         if clock.should_stop():
             say(f"stopping during epoch {epoch}: " + (f"time limit of {args.time_limit:g}s reached"
@@ -437,7 +397,7 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
     if is_main and rows:
         save_curves(figures_dir / "curves.png", rows, model.levels)
         frames = [figures_dir / f"reconstructions_epoch_{int(row['epoch']):03d}.png" for row in rows]
-        utils.save_gif(figures_dir / "reconstructions.gif", [frame for frame in frames if frame.exists()])
+        figures.save_gif(figures_dir / "reconstructions.gif", [frame for frame in frames if frame.exists()])
         say(f"best validation SSIM {float(best['val_ssim']):.4f} (epoch {best['epoch']}); checkpoint {best_path}; "
             f"figures in {figures_dir}/\nnext: python predict.py -m {best_path}")
     return {"checkpoint": str(best_path), "last_checkpoint": str(last_path), "best": best,

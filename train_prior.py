@@ -18,25 +18,29 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+import checkpoints
+import figures
+import metrics
 import utils
-from dataset import DataSource, Preprocessing, SliceSet, checkpoint_data, code_loader, encode_split, load_split, \
-    prior_evaluation_loaders
-from modules import PriorConfig, bits_per_code, build_prior, stack_levels, unstack_levels, weights_fingerprint
+from checkpoints import checkpoint_data
+from codes import code_loader, encode_split, prior_evaluation_loaders
+from dataset import DataSource, SliceSet, load_split
+from modules import weights_fingerprint
+from pixelcnn import PixelCNNConfig
+from priors import build_prior, prior_config_dict
+from readers import Preprocessing
+from sampling import PriorObjective, stack_levels, unstack_levels
 from utils import UsageError, progress_bar
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = PriorConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     parser.add_argument("-m", "--model", required=True, help="the VQ-VAE checkpoint whose codes the prior learns")
     data = parser.add_argument_group("data")
     data.add_argument("--data", help="data folder; default: the one the VQ-VAE was trained on")
     data.add_argument("--cache-dir", default=".cache/slices", help="where decoded slices and code maps are cached")
     prior = parser.add_argument_group("prior")
-    prior.add_argument("--hidden-channels", type=int, default=defaults.hidden_channels, help="channels of the PixelCNN")
-    prior.add_argument("--layers", type=int, default=defaults.num_layers, help="gated layers")
-    prior.add_argument("--kernel-size", type=int, default=defaults.kernel_size,
-                       help="odd kernel width of the gated layers")
+    utils.add_config_arguments(prior, PixelCNNConfig)
     prior.add_argument("--unconditional", action="store_true",
                        help="ignore class folders (by default the prior is conditioned on the class when there is one)")
     utils.add_run_arguments(parser, epochs=10, batch_size=16, lr=1e-3)
@@ -64,7 +68,7 @@ class CodeData:
 def prepare_codes(args: argparse.Namespace, device: torch.device, log: Callable[[str], None]) -> CodeData:
     """Decode both splits and encode them with the VQ-VAE, once (cached). Under torchrun every process calls this
     before the process group starts: one process per cache builds it while the others wait on its file lock."""
-    vqvae, checkpoint = utils.load_vqvae(args.model, device)
+    vqvae, checkpoint = checkpoints.load_vqvae(args.model, device)
     if vqvae.config.spatial_dims != 2:
         raise UsageError(f"{args.model}: is a 3D VQ-VAE (--spatial-dims 3); the PixelCNN prior models 2D code maps "
                          "only: train the prior on a 2D checkpoint")
@@ -86,13 +90,6 @@ def prepare_codes(args: argparse.Namespace, device: torch.device, log: Callable[
     return CodeData(source, splits, codes, shapes, vqvae.config.num_embeddings, weights_fingerprint(vqvae), conditional)
 
 
-def prior_loss(model: torch.nn.Module, maps: list[torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
-    """Mean NLL in bits per code over every code of every level (through the model's forward: DDP needs it)."""
-    outputs = model(maps, labels) if len(maps) > 1 else [model(maps[0], labels)]
-    bits = [bits_per_code(logits, codes) * codes[0].numel() for logits, codes in zip(outputs, maps)]
-    return sum(bits).mean() / sum(codes[0].numel() for codes in maps)
-
-
 def train_epoch(epoch: int, loader, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 clock: utils.TrainingClock, conditional: bool, levels: int, precision: str = "fp32") -> float:
     """One epoch (or until the clock stops it); the mean training NLL in bits per code over all processes."""
@@ -104,7 +101,7 @@ def train_epoch(epoch: int, loader, model: torch.nn.Module, optimizer: torch.opt
         for group in optimizer.param_groups:
             group["lr"] = clock.learning_rate()
         with utils.autocast(loader.device, precision):
-            loss = prior_loss(model, unstack_levels(stacked, levels), labels if conditional else None)
+            loss = model(unstack_levels(stacked, levels), labels if conditional else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -140,14 +137,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train_prior(args: argparse.Namespace, data: CodeData, device: torch.device, say: Callable[[str], None]) -> dict:
     rank, world = (torch.distributed.get_rank() if utils.is_distributed() else 0), utils.world_size()
-    config = PriorConfig(num_embeddings=data.num_embeddings, hidden_channels=args.hidden_channels,
-                         num_layers=args.layers, kernel_size=args.kernel_size,
-                         num_classes=len(data.source.class_names) if data.conditional else 0)
+    config = utils.config_from_args(PixelCNNConfig, args, num_embeddings=data.num_embeddings,
+                                    num_classes=len(data.source.class_names) if data.conditional else 0)
     # One prior per level: the top one as a one-level prior, the bottom one also conditioned on the top codes.
     configs = [config] + [replace(config, condition_embeddings=data.num_embeddings)] * (len(data.code_shapes) - 1)
     prior = build_prior(configs).to(device)
     optimizer = torch.optim.Adam(prior.parameters(), lr=args.lr)
-    step_prior = utils.wrap_distributed(prior, device)  # every process starts from the first one's weights
+    step_prior = utils.wrap_distributed(PriorObjective(prior), device)  # every process starts from the first one's weights
     if args.compile:
         step_prior = torch.compile(step_prior)
     precision = utils.resolve_precision(args.precision, device)
@@ -159,7 +155,7 @@ def train_prior(args: argparse.Namespace, data: CodeData, device: torch.device, 
     if unlabelled is not None:
         say(f"{len(unlabelled.data)} validation code maps have no class folder: their NLL is the class-mixture "
             "likelihood")
-    log_prior = utils.class_log_prior(data.class_counts) if data.conditional else None
+    log_prior = metrics.class_log_prior(data.class_counts) if data.conditional else None
     run_name = args.run_name or f"{Path(args.model).stem}-prior"
     checkpoint_path = Path(args.checkpoint_dir) / f"{run_name}.pth"
     figures_dir = Path(args.resources_dir) / run_name
@@ -175,23 +171,23 @@ def train_prior(args: argparse.Namespace, data: CodeData, device: torch.device, 
     for epoch in range(1, args.epochs + 1):
         train_bits = train_epoch(epoch, train_loader, step_prior, optimizer, clock, data.conditional,
                                  len(prior.levels), precision)
-        validation = utils.evaluate_prior(prior, val_loader, log_prior, unlabelled, precision)
+        validation = metrics.evaluate_prior(prior, val_loader, log_prior, unlabelled, precision)
         val_bits = validation["bits_per_code"]
         row = {"epoch": epoch, "train_bits_per_code": train_bits,
                **{f"val_{key}": value for key, value in validation.items()}, "seconds": clock.elapsed}
         rows.append(row)
         if rank == 0:
             utils.write_csv_rows(figures_dir / "metrics.csv", rows)
-            per_level = utils.format_level_bits(validation, prior.levels)
+            per_level = metrics.format_level_bits(validation, prior.levels)
             tqdm.write(f"prior epoch {epoch:3d} | train {train_bits:.3f} bits/code | validation {val_bits:.3f} "
                        f"bits/code ({val_bits / uniform:.0%} of uniform{per_level}), "
                        f"{validation['bits_per_image']:.0f} bits per image | {row['seconds']:.0f}s")
         if val_bits < best["val_bits_per_code"]:
             best = row
             if rank == 0:
-                utils.save_checkpoint(checkpoint_path, {
+                checkpoints.save_checkpoint(checkpoint_path, {
                     "kind": "prior", "model": prior.state_dict(), "optimizer": optimizer.state_dict(),
-                    "config": config.to_dict() if len(configs) == 1 else {"levels": [c.to_dict() for c in configs]},
+                    "config": prior_config_dict(configs),
                     "epoch": epoch, "metrics": row, "conditional": data.conditional,
                     "class_names": data.source.class_names, "class_counts": data.class_counts,
                     "code_shapes": data.code_shapes, "args": vars(args),
@@ -201,7 +197,7 @@ def train_prior(args: argparse.Namespace, data: CodeData, device: torch.device, 
             break
     if rank == 0:
         levels = [f"val_bits_per_code_{level}" for level in prior.levels if f"val_bits_per_code_{level}" in rows[0]]
-        utils.save_training_curves(figures_dir / "curves.png", rows, {
+        figures.save_training_curves(figures_dir / "curves.png", rows, {
             "prior NLL (bits per code)": ("train_bits_per_code", "val_bits_per_code", *levels)})
     say(f"best validation NLL {best['val_bits_per_code']:.3f} bits per code (epoch {best['epoch']}); "
         f"checkpoint {checkpoint_path}\nnext: python predict.py -m {checkpoint_path} --sample 16")

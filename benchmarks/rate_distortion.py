@@ -26,10 +26,16 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import checkpoints  # noqa: E402
+import figures  # noqa: E402
+import metrics  # noqa: E402
 import utils  # noqa: E402
-from dataset import BatchLoader, Preprocessing, checkpoint_data, encode_split, load_split, \
-    prior_evaluation_loaders  # noqa: E402
-from modules import stack_levels, weights_fingerprint  # noqa: E402
+from checkpoints import checkpoint_data  # noqa: E402
+from codes import encode_split, prior_evaluation_loaders  # noqa: E402
+from dataset import BatchLoader, load_split  # noqa: E402
+from modules import weights_fingerprint  # noqa: E402
+from readers import Preprocessing  # noqa: E402
+from sampling import stack_levels  # noqa: E402
 
 JPEG_QUALITIES = (1, 2, 3, 5, 8, 10, 15, 20, 30, 40, 50, 60, 75, 90)
 
@@ -75,8 +81,8 @@ def jpeg_curve(images: torch.Tensor) -> list[dict]:
             bits += 8 * size
         decoded = torch.from_numpy(np.stack(decoded))[:, None].float() / 255
         curve.append({"codec": codec, "quality": quality, "bpp": bits / pixels,
-                      "ssim": utils.ssim_per_image(decoded, references).mean().item(),
-                      "psnr": utils.psnr_per_image(decoded, references).mean().item()})
+                      "ssim": metrics.ssim_per_image(decoded, references).mean().item(),
+                      "psnr": metrics.psnr_per_image(decoded, references).mean().item()})
     return curve
 
 
@@ -90,7 +96,7 @@ def at_rate(curve: list[dict], bpp: float) -> float:
 def evaluate_model(path: str, priors: list[tuple[str, dict]], split: str, device: torch.device, cache_dir: str,
                    ) -> tuple[list[dict], torch.Tensor]:
     """The model's points (indices, and with a matching prior its NLL) and the uint8 slices it was measured on."""
-    model, checkpoint = utils.load_vqvae(path, device)
+    model, checkpoint = checkpoints.load_vqvae(path, device)
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
     if prep.channels != 1:
         raise utils.UsageError(f"{path}: this comparison is for grayscale slices; the model takes {prep.channels}")
@@ -98,7 +104,7 @@ def evaluate_model(path: str, priors: list[tuple[str, dict]], split: str, device
     split = split if split in source.files else "validate"
     slices = load_split(source, split, prep, cache_dir, min_side=model.config.image_multiple)
     loader = BatchLoader(slices.images, slices.labels, 64, shuffle=False, device=device)
-    quality = utils.evaluate_vqvae(model, loader, description=split)
+    quality = metrics.evaluate_vqvae(model, loader, description=split)
     pixels = prep.image_size[0] * prep.image_size[1]
     levels = encode_split(model, slices, device, cache_dir)
     positions = sum(level.shape[1] * level.shape[2] for level in levels)  # codes per image, over all levels
@@ -108,36 +114,17 @@ def evaluate_model(path: str, priors: list[tuple[str, dict]], split: str, device
     for prior_path, prior_checkpoint in priors:
         if prior_checkpoint["vqvae"]["fingerprint"] != weights_fingerprint(model):
             continue
-        prior, prior_checkpoint, _, _ = utils.load_prior(prior_path, device, path, prior_checkpoint)
+        prior, prior_checkpoint, _, _ = checkpoints.load_prior(prior_path, device, path, prior_checkpoint)
         conditional = prior_checkpoint["conditional"]
         labelled, unlabelled = prior_evaluation_loaders(stack_levels(levels), slices.labels, 64, device, conditional)
         counts = prior_checkpoint.get("class_counts") or [1] * len(prior_checkpoint["class_names"])
-        log_prior = utils.class_log_prior(counts) if conditional else None
-        nll = utils.evaluate_prior(prior, labelled, log_prior, unlabelled)
+        log_prior = metrics.class_log_prior(counts) if conditional else None
+        nll = metrics.evaluate_prior(prior, labelled, log_prior, unlabelled)
         # A conditional prior's class must be sent too, -log2 p(class) bits (maps without one: in the mixture).
         class_bits = sum(-log_prior[label] / math.log(2) for label in slices.labels.tolist() if label >= 0) \
             / len(slices) if conditional else 0.0
         points.append({**points[0], "codec": f"{name} + prior", "bpp": (nll["bits_per_image"] + class_bits) / pixels})
     return points, slices.images
-
-
-def save_figure(path: Path, points: list[dict]) -> None:
-    plt = utils.pyplot()
-    fig, axis = plt.subplots(figsize=(6, 4), layout="constrained")
-    for codec in dict.fromkeys(point["codec"] for point in points):
-        mine = sorted((point["bpp"], point["ssim"]) for point in points if point["codec"] == codec)
-        axis.plot(*zip(*mine), marker="o", markersize=4, label=codec)
-    axis.set_xscale("log")
-    low, high = axis.get_xlim()
-    ticks = [tick for tick in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8) if low <= tick <= high]
-    axis.set_xticks(ticks, [f"{tick:g}" for tick in ticks])
-    axis.set_xticks([], minor=True)  # the default minor labels of a log axis overlap at these rates
-    axis.set_xlabel("bits per pixel")
-    axis.set_ylabel("mean SSIM")
-    axis.set_title("rate against quality (JPEG: entropy-coded data only)", fontsize=10)
-    axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize=8)
-    utils.save_figure(fig, path)
 
 
 def main() -> None:
@@ -150,7 +137,7 @@ def main() -> None:
     parser.add_argument("--out", default="resources/rate_distortion.png", help="the figure")
     args = parser.parse_args()
     device = utils.pick_device(args.device)
-    priors = [(path, utils.load_checkpoint(path, expected_kind="prior")) for path in args.prior]
+    priors = [(path, checkpoints.load_checkpoint(path, expected_kind="prior")) for path in args.prior]
     points, curves = [], {}
     for path in args.model:
         model_points, images = evaluate_model(path, priors, args.split, device, args.cache_dir)
@@ -166,7 +153,7 @@ def main() -> None:
         same = point.get("jpeg_ssim_at_same_bpp")
         print(f"{point['codec']:>30} {point['bpp']:7.3f} {point['ssim']:7.4f} {point['psnr']:6.2f}  "
               + ("" if same is None else f"{same:.4f}"))
-    save_figure(Path(args.out), jpeg_points + points)
+    figures.save_rate_distortion(Path(args.out), jpeg_points + points)
     print(f"figure: {args.out}")
     for point in points:
         print(f"model={point['codec'].replace(' ', '')} bpp={point['bpp']:.4f} ssim={point['ssim']:.4f} "

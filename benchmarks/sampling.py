@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import utils  # noqa: E402
-from modules import GatedPixelCNN, PriorConfig  # noqa: E402
+from pixelcnn import GatedPixelCNN, PixelCNNConfig  # noqa: E402
 
 
 def time_sampling(prior: GatedPixelCNN, batch: int, shape: tuple[int, int], device: torch.device) -> float:
@@ -36,12 +36,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--code-shape", type=int, nargs=2, default=(32, 32))
     parser.add_argument("--num-embeddings", type=int, default=512)
-    parser.add_argument("--hidden-channels", type=int, default=PriorConfig.hidden_channels)
-    parser.add_argument("--layers", type=int, default=PriorConfig.num_layers)
+    parser.add_argument("--hidden-channels", type=int, default=PixelCNNConfig.hidden_channels)
+    parser.add_argument("--layers", type=int, default=PixelCNNConfig.num_layers)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     device = utils.pick_device(args.device)
-    config = PriorConfig(num_embeddings=args.num_embeddings, hidden_channels=args.hidden_channels,
+    config = PixelCNNConfig(num_embeddings=args.num_embeddings, hidden_channels=args.hidden_channels,
                          num_layers=args.layers)
     prior = GatedPixelCNN(config).to(device).eval()
     time_sampling(prior, args.batch, (2, 2), device)  # warm-up: allocator, kernels

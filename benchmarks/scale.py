@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dataset import make_demo_data  # noqa: E402
+from demo import make_demo_data  # noqa: E402
 
 HIPMRI_COUNTS = {"train": 11_460, "validate": 660, "test": 540}
 HIPMRI_SHAPE = (256, 128)

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dataset import make_phantom, make_phantom_volume  # noqa: E402
+from demo import make_phantom, make_phantom_volume  # noqa: E402
 
 
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:

@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import train
 import utils
-from dataset import BatchLoader, Preprocessing, find_data, load_split
-from modules import VQVAE, GatedPixelCNN, PriorConfig, VQVAEConfig
+from dataset import BatchLoader, find_data, load_split
+from modules import VQVAE, VQVAEConfig
+from pixelcnn import GatedPixelCNN, PixelCNNConfig
+from readers import Preprocessing
 from test_end_to_end import train_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -99,7 +102,7 @@ def test_compile_over_two_epochs_with_evaluation_between_never_recompiles(hipmri
 
 def test_sampling_with_a_cuda_generator_is_repeatable():
     torch.manual_seed(0)
-    prior = GatedPixelCNN(PriorConfig(num_embeddings=12, hidden_channels=16, num_layers=3, output_channels=16,
+    prior = GatedPixelCNN(PixelCNNConfig(num_embeddings=12, hidden_channels=16, num_layers=3, output_channels=16,
                                       num_classes=3)).to(CUDA).eval()
     labels = torch.tensor([0, 1, 2], device=CUDA)
     draws = [prior.sample(3, (5, 6), labels, generator=torch.Generator(device=CUDA).manual_seed(seed))
@@ -113,14 +116,14 @@ def test_resume_between_gpu_and_cpu(hipmri_dir: Path, tmp_path: Path):
     cpu_run = train.main(train_args(tmp_path / "a", hipmri_dir, "--epochs", "2", "--max-steps", "2",
                                     "--device", "cpu"))
     on_gpu = train.main(["--resume", cpu_run["last_checkpoint"], "--device", "cuda", "--max-steps", "4"])
-    state = utils.load_checkpoint(on_gpu["last_checkpoint"])["training"]
+    state = checkpoints.load_checkpoint(on_gpu["last_checkpoint"])["training"]
     assert state["step"] == 4 and state["rng"]["cuda"].dtype == torch.uint8
     back_on_cpu = train.main(["--resume", on_gpu["last_checkpoint"], "--device", "cpu", "--max-steps", "0"])
-    assert utils.load_checkpoint(back_on_cpu["last_checkpoint"])["training"]["step"] == 6
+    assert checkpoints.load_checkpoint(back_on_cpu["last_checkpoint"])["training"]["step"] == 6
     gpu_run = train.main(train_args(tmp_path / "b", hipmri_dir, "--epochs", "2", "--max-steps", "2",
                                     "--device", "cuda"))
     resumed = train.main(["--resume", gpu_run["last_checkpoint"], "--device", "cuda", "--max-steps", "0"])
-    checkpoint = utils.load_checkpoint(resumed["last_checkpoint"])
+    checkpoint = checkpoints.load_checkpoint(resumed["last_checkpoint"])
     assert checkpoint["training"]["step"] == 6 and torch.isfinite(checkpoint["model"]["quantizer.embedding"]).all()
 
 

@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+import metrics
+import checkpoints
 import dataset
+import demo
+import readers
 from conftest import make_classes, make_hipmri, phantom_uint8, write_nifti, write_png
-from dataset import BatchLoader, Preprocessing, find_data, fit_to_shape, load_split, read_slices
+from dataset import BatchLoader, find_data, load_split
+from readers import Preprocessing, fit_to_shape, read_slices
 from utils import UsageError
 
 PREP = Preprocessing(image_size=(32, 16))
@@ -94,7 +99,7 @@ def test_3d_volume_is_cut_into_slices_and_empty_slices_are_skipped(tmp_path: Pat
 
 
 def make_phantom_slice(seed: int) -> np.ndarray:
-    return dataset.make_phantom(seed, 0.5, (16, 16))
+    return demo.make_phantom(seed, 0.5, (16, 16))
 
 
 def test_fit_pads_without_distorting_the_aspect_ratio():
@@ -112,7 +117,7 @@ def test_fit_pads_without_distorting_the_aspect_ratio():
 def test_native_size_is_the_common_shape_rounded_to_the_code_cell(tmp_path: Path):
     data = make_hipmri(tmp_path, shape=(30, 16))
     source = find_data(data)
-    assert dataset.native_image_size(source.files["train"], 4) == (32, 16)
+    assert readers.native_image_size(source.files["train"], 4) == (32, 16)
 
 
 # ----------------------------------------------------------------------------- caching
@@ -126,7 +131,7 @@ def test_second_load_reads_the_cache_and_decodes_no_file(hipmri_dir: Path, tmp_p
     def no_decoding(*_args, **_kwargs):
         raise AssertionError("a file was decoded although the cache was valid")
 
-    monkeypatch.setattr(dataset, "read_slices", no_decoding)
+    monkeypatch.setattr(readers, "read_slices", no_decoding)
     second = load_split(source, "train", PREP, tmp_path / "cache", log=quiet)
     assert torch.equal(first.images, second.images) and second.sources == first.sources
 
@@ -137,7 +142,7 @@ def test_cache_is_rebuilt_when_inputs_or_settings_change(hipmri_dir: Path, tmp_p
     load_split(source, "train", PREP, cache, log=quiet)
     load_split(source, "train", Preprocessing(image_size=(16, 16)), cache, log=quiet)
     path = source.files["train"][0][0]
-    write_nifti(path, dataset.make_phantom(99, 0.1, (32, 16)))
+    write_nifti(path, demo.make_phantom(99, 0.1, (32, 16)))
     changed = load_split(find_data(hipmri_dir), "train", PREP, cache, log=quiet)
     assert len(list(cache.glob("train-*.npy"))) == 3
     assert changed.images.shape == (12, 1, 32, 16)
@@ -195,8 +200,8 @@ def test_a_split_of_only_bad_files_stops_with_one_clear_error(tmp_path: Path):
 
 def test_demo_data_is_deterministic_and_in_the_hipmri_layout(tmp_path: Path):
     counts = {"train": 3, "validate": 2, "test": 2}
-    first = dataset.make_demo_data(tmp_path / "a", counts=counts, shape=(32, 16), log=quiet)
-    second = dataset.make_demo_data(tmp_path / "b", counts=counts, shape=(32, 16), log=quiet)
+    first = demo.make_demo_data(tmp_path / "a", counts=counts, shape=(32, 16), log=quiet)
+    second = demo.make_demo_data(tmp_path / "b", counts=counts, shape=(32, 16), log=quiet)
     source = find_data(first)
     assert {split: len(files) for split, files in source.files.items()} == counts
     for path, _ in source.files["train"]:
@@ -278,10 +283,9 @@ def test_an_evaluation_shard_may_be_empty():
     empty = BatchLoader(data, labels, 4, False, torch.device("cpu"), rank=1, world_size=2)
     assert len(empty) == 0 and list(empty) == []
     from modules import VQVAE, VQVAEConfig
-    import utils
 
     model = VQVAE(VQVAEConfig(hidden_channels=16, residual_channels=8, num_embeddings=8, embedding_dim=4))
-    result = utils.evaluate_vqvae(model, empty)  # a process with nothing to evaluate adds zeros, and no error
+    result = metrics.evaluate_vqvae(model, empty)  # a process with nothing to evaluate adds zeros, and no error
     assert result["ssim"] == 0 and len(result["ssim_per_image"]) == 0
 
 
@@ -320,7 +324,8 @@ import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
-from dataset import BatchLoader, Preprocessing, find_data, load_split
+from dataset import BatchLoader, find_data, load_split
+from readers import Preprocessing
 
 def anonymous_mb():
     for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
@@ -388,7 +393,7 @@ def test_later_jobs_carve_the_validation_split_as_training_did(tmp_path: Path):
     make_classes(tmp_path, per_class=10)
     trained = find_data(tmp_path, val_fraction=0.3)
     checkpoint = {"data": {"root": str(tmp_path), "val_fraction": 0.3}}
-    assert dataset.checkpoint_data(checkpoint, log=quiet).files == trained.files
+    assert checkpoints.checkpoint_data(checkpoint, log=quiet).files == trained.files
     messages: list[str] = []
-    dataset.checkpoint_data({"data": {"root": str(tmp_path)}}, log=messages.append)  # an older checkpoint
+    checkpoints.checkpoint_data({"data": {"root": str(tmp_path)}}, log=messages.append)  # an older checkpoint
     assert any("may hold files the model trained on" in message for message in messages)

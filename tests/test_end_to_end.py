@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import predict
 import train
 import utils
@@ -31,7 +32,7 @@ def test_train_then_predict(layout: str, request, tmp_path: Path):
     result = train.main(train_args(tmp_path, data.parent))
     checkpoint = Path(result["checkpoint"])
     assert checkpoint.exists()
-    saved = utils.load_checkpoint(checkpoint, expected_kind="vqvae")
+    saved = checkpoints.load_checkpoint(checkpoint, expected_kind="vqvae")
     assert {"model", "optimizer", "config", "preprocessing", "epoch", "metrics", "best_val_ssim"} <= set(saved)
     figures = tmp_path / "res" / "tiny"
     assert (figures / "reconstructions_epoch_001.png").exists() and (figures / "curves.png").exists()
@@ -56,7 +57,7 @@ def test_native_hipmri_shape_256x128_trains(tmp_path: Path):
 
     data = make_hipmri(tmp_path, counts=(4, 2, 0), shape=(256, 128))
     result = train.main(train_args(tmp_path, data, "--time-limit", "0"))
-    saved = utils.load_checkpoint(result["checkpoint"])
+    saved = checkpoints.load_checkpoint(result["checkpoint"])
     assert tuple(saved["preprocessing"]["image_size"]) == (256, 128)
 
 
@@ -68,7 +69,7 @@ def test_time_limit_stops_after_the_crossing_step_and_keeps_the_checkpoint(hipmr
 def test_same_seed_gives_the_same_model(hipmri_dir: Path, tmp_path: Path):
     first = train.main(train_args(tmp_path / "a", hipmri_dir))
     second = train.main(train_args(tmp_path / "b", hipmri_dir))
-    weights = [utils.load_checkpoint(r["checkpoint"])["model"] for r in (first, second)]
+    weights = [checkpoints.load_checkpoint(r["checkpoint"])["model"] for r in (first, second)]
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 
 
@@ -94,9 +95,9 @@ def test_image_size_that_the_network_cannot_take_is_refused(hipmri_dir: Path, tm
 
 def test_checkpoint_for_other_settings_is_refused(hipmri_dir: Path, tmp_path: Path):
     result = train.main(train_args(tmp_path, hipmri_dir, "--time-limit", "0"))
-    checkpoint = utils.load_checkpoint(result["checkpoint"])
+    checkpoint = checkpoints.load_checkpoint(result["checkpoint"])
     checkpoint["config"]["hidden_channels"] = 64
-    utils.save_checkpoint(tmp_path / "other.pth", checkpoint)
+    checkpoints.save_checkpoint(tmp_path / "other.pth", checkpoint)
     with pytest.raises(utils.UsageError, match="does not match"):
         predict.main(["-m", str(tmp_path / "other.pth")])
 
@@ -129,15 +130,35 @@ def test_kmeans_initialisation_runs_in_training(hipmri_dir: Path, tmp_path: Path
     assert float(result["best"]["val_codebook_usage"]) > 0
 
 
-def test_jobs_import_only_the_library():
-    """train, train_prior, predict and extract_features import dataset, modules and utils, never each other."""
+def local_imports(path: Path) -> set[str]:
+    """The repository's own top-level modules a file imports."""
     import ast
 
-    jobs = {"train", "train_prior", "predict", "extract_features"}
-    for job in jobs:
-        tree = ast.parse((ROOT / f"{job}.py").read_text())
-        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                    for alias in node.names}
-        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                     if isinstance(node, ast.ImportFrom) and node.module}
-        assert not imported & jobs, f"{job}.py imports {sorted(imported & jobs)}"
+    tree = ast.parse(path.read_text())
+    names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for alias in node.names}
+    names |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    return {name for name in names if (ROOT / f"{name}.py").exists()}
+
+
+JOBS = {"train", "train_prior", "predict", "extract_features"}
+
+
+def test_jobs_and_benchmarks_import_only_the_library_and_the_library_has_no_circles():
+    """Jobs and benchmarks import library files, never a job; library files never import a job, nor each other in a
+    circle (every import points down)."""
+    for path in [*(ROOT / f"{job}.py" for job in JOBS), *(ROOT / "benchmarks").glob("*.py")]:
+        assert not local_imports(path) & JOBS, f"{path.name} imports {sorted(local_imports(path) & JOBS)}"
+    library = {path.stem: local_imports(path) for path in ROOT.glob("*.py") if path.stem not in JOBS}
+    assert {"dataset", "modules", "utils"} <= set(library)
+    assert not any(imports & JOBS for imports in library.values())
+    below: dict[str, set[str]] = {}
+
+    def reachable(name: str, trail: tuple[str, ...] = ()) -> set[str]:
+        assert name not in trail, f"import circle: {' -> '.join((*trail, name))}"
+        if name not in below:
+            below[name] = set().union(*(reachable(child, (*trail, name)) | {child} for child in library[name]))
+        return below[name]
+
+    for name in library:
+        reachable(name)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import extract_features
 import train
-import utils
 from conftest import write_png
 from test_end_to_end import train_args
 from utils import UsageError
@@ -42,7 +42,7 @@ def test_features_file_holds_every_slice_and_every_set_has_its_documented_size(v
     assert count == 32 and sorted(set(saved["split"])) == ["test", "train", "validate"]
     assert list(saved["class_names"]) == ["bright", "dark"] and set(saved["label"]) == {0, 1}
     assert saved["codes"].shape == (count, 8, 8)
-    config = utils.load_checkpoint(checkpoint)["config"]
+    config = checkpoints.load_checkpoint(checkpoint)["config"]
     from modules import VQVAEConfig
 
     config = VQVAEConfig.from_dict(config)

@@ -122,7 +122,7 @@ def test_quantizer_computes_in_float32_under_mixed_precision():
 def test_config_round_trips_and_rejects_unknown_settings():
     config = VQVAEConfig(downsamples=3, quantizer="gradient")
     assert VQVAEConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ValueError, match="unknown model settings"):
+    with pytest.raises(ValueError, match="unknown VQVAEConfig settings"):
         VQVAEConfig.from_dict({**config.to_dict(), "wings": 2})
 
 

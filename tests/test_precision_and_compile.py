@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import train
 import utils
 from modules import VectorQuantizer
@@ -37,7 +38,7 @@ def test_bf16_autocast_leaves_the_nearest_code_search_in_float32():
 
 def test_bf16_training_learns(hipmri_dir: Path, tmp_path: Path):
     result = train.main(train_args(tmp_path, hipmri_dir.parent, "--precision", "bf16", "--epochs", "2"))
-    assert utils.load_checkpoint(result["checkpoint"])["args"]["precision"] == "bf16"
+    assert checkpoints.load_checkpoint(result["checkpoint"])["args"]["precision"] == "bf16"
     rows = utils.read_csv_rows(Path(result["figures"]) / "metrics.csv")
     assert all(torch.isfinite(torch.tensor(float(row["val_loss"]))) for row in rows)
     assert float(rows[-1]["train_recon_loss"]) < float(rows[0]["train_recon_loss"])
@@ -48,6 +49,6 @@ def test_compiled_training_runs_as_one_graph(levels: str, hipmri_dir: Path, tmp_
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     result = train.main(train_args(tmp_path, hipmri_dir.parent, "--compile", "--max-steps", "2", "--levels", levels))
-    assert utils.load_checkpoint(result["last_checkpoint"])["training"]["step"] == 2
+    assert checkpoints.load_checkpoint(result["last_checkpoint"])["training"]["step"] == 2
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step really was compiled
     assert not torch._dynamo.utils.counters["graph_break"]  # a break would split the GPU step into several graphs

@@ -1,20 +1,23 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+import checkpoints
 import predict
 import train
 import train_prior
 import utils
 from conftest import make_classes, phantom_uint8, write_png
-from modules import GatedPixelCNN, PriorConfig, draw_codes, mixture_level_bits
+from pixelcnn import GatedPixelCNN, PixelCNNConfig
+from sampling import draw_codes, mixture_level_bits
 from test_end_to_end import train_args
 
-TINY_PRIOR = PriorConfig(num_embeddings=12, hidden_channels=16, num_layers=3, output_channels=16, num_classes=3)
+TINY_PRIOR = PixelCNNConfig(num_embeddings=12, hidden_channels=16, num_layers=3, output_channels=16, num_classes=3)
 
 
 def tiny_prior() -> GatedPixelCNN:
@@ -54,7 +57,7 @@ def test_class_label_changes_the_prediction():
 def test_incremental_sampling_draws_what_the_full_model_predicts(kernel_size: int):
     """The cached, column-at-a-time sampler must match sampling from full forward passes, draw for draw."""
     torch.manual_seed(0)
-    prior = GatedPixelCNN(PriorConfig(**{**TINY_PRIOR.to_dict(), "kernel_size": kernel_size})).eval()
+    prior = GatedPixelCNN(dataclasses.replace(TINY_PRIOR, kernel_size=kernel_size)).eval()
     labels = torch.tensor([0, 1, 2])
     fast = prior.sample(3, (5, 6), labels, generator=torch.Generator().manual_seed(3))
     generator, codes = torch.Generator().manual_seed(3), torch.zeros(3, 5, 6, dtype=torch.long)
@@ -107,7 +110,7 @@ def test_train_prior_then_sample_and_refuse_another_vqvae(tmp_path: Path, capsys
     vqvae = train.main(train_args(tmp_path, data, "--run-name", "vq"))["checkpoint"]
     result = train_prior.main(prior_args(tmp_path, vqvae))
     assert "3 validation code maps have no class folder" in capsys.readouterr().out
-    checkpoint = utils.load_checkpoint(result["checkpoint"], expected_kind="prior")
+    checkpoint = checkpoints.load_checkpoint(result["checkpoint"], expected_kind="prior")
     assert checkpoint["conditional"] and checkpoint["class_names"] == ["alpha", "beta", "gamma"]
 
     metrics_path = tmp_path / "prior.json"

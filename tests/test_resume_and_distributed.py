@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import checkpoints
+import metrics
 import train
 import train_prior
 import utils
@@ -25,7 +27,7 @@ CPU = ("--device", "cpu")  # exact comparisons: on CUDA, index_add_ and cuDNN au
 
 
 def weights(path: str) -> dict:
-    return utils.load_checkpoint(path)["model"]
+    return checkpoints.load_checkpoint(path)["model"]
 
 
 def assert_same_weights(first: dict, second: dict) -> None:
@@ -37,11 +39,11 @@ def assert_same_weights(first: dict, second: dict) -> None:
 def test_resume_mid_epoch_continues_exactly(hipmri_dir: Path, tmp_path: Path):
     straight = train.main(train_args(tmp_path / "a", hipmri_dir, "--epochs", "2", *CPU))
     stopped = train.main(train_args(tmp_path / "b", hipmri_dir, "--epochs", "2", "--max-steps", "4", *CPU))
-    state = utils.load_checkpoint(stopped["last_checkpoint"])["training"]
+    state = checkpoints.load_checkpoint(stopped["last_checkpoint"])["training"]
     assert state["step"] == 4 and state["epoch"] == 2 and state["epoch_totals"]["items"] == 4
     resumed = train.main(["--resume", stopped["last_checkpoint"], "--max-steps", "0", *CPU])
     assert resumed["last_checkpoint"] == stopped["last_checkpoint"]
-    assert utils.load_checkpoint(resumed["last_checkpoint"])["training"]["step"] == 6
+    assert checkpoints.load_checkpoint(resumed["last_checkpoint"])["training"]["step"] == 6
     assert_same_weights(weights(straight["last_checkpoint"]), weights(resumed["last_checkpoint"]))
     rows = utils.read_csv_rows(tmp_path / "b" / "res" / "tiny" / "metrics.csv")
     assert [int(row["step"]) for row in rows] == [3, 4, 6]  # epoch 1, the stop part-way through 2, its end
@@ -56,14 +58,14 @@ def test_sigkill_mid_run_leaves_a_checkpoint_that_resumes(hipmri_dir: Path, tmp_
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "ck" / "tiny-last.pth"
     deadline = time.time() + 120
-    while time.time() < deadline and not (last.exists() and utils.load_checkpoint(last)["training"]["step"] >= 5):
+    while time.time() < deadline and not (last.exists() and checkpoints.load_checkpoint(last)["training"]["step"] >= 5):
         time.sleep(0.2)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    killed_at = utils.load_checkpoint(last)["training"]["step"]
+    killed_at = checkpoints.load_checkpoint(last)["training"]["step"]
     assert killed_at >= 5
     result = train.main(["--resume", str(last), "--epochs", "3"])
-    assert utils.load_checkpoint(result["last_checkpoint"])["training"]["step"] == max(9, killed_at)
+    assert checkpoints.load_checkpoint(result["last_checkpoint"])["training"]["step"] == max(9, killed_at)
     assert not list((tmp_path / "ck").glob(".*.tmp"))  # a half-written file from the kill is cleaned up
 
 
@@ -76,11 +78,11 @@ def test_killed_after_the_last_step_of_an_epoch_the_resumed_run_still_evaluates_
         raise Killed  # the job dies between the epoch's last step (saved midway) and its evaluation
 
     with monkeypatch.context() as patch:
-        patch.setattr(utils, "evaluate_vqvae", killed)
+        patch.setattr(metrics, "evaluate_vqvae", killed)
         with pytest.raises(Killed):
             train.main(train_args(tmp_path, hipmri_dir, "--epochs", "2", "--checkpoint-every", "3", *CPU))
     last = tmp_path / "ck" / "tiny-last.pth"
-    assert utils.load_checkpoint(last)["training"]["step"] == 3  # one epoch of three steps, not yet evaluated
+    assert checkpoints.load_checkpoint(last)["training"]["step"] == 3  # one epoch of three steps, not yet evaluated
     train.main(["--resume", str(last), *CPU])
     rows = utils.read_csv_rows(tmp_path / "res" / "tiny" / "metrics.csv")
     assert [(int(row["epoch"]), int(row["step"])) for row in rows] == [(1, 3), (2, 6)]
@@ -95,13 +97,13 @@ def test_a_gpu_run_resumes_on_a_machine_without_gpus(hipmri_dir: Path, tmp_path:
     """A checkpoint of a run on cuda:1 of a two-GPU machine (one generator state per GPU, as older versions kept)
     goes on here on the CPU, where no GPU is visible."""
     stopped = train.main(train_args(tmp_path, hipmri_dir, "--epochs", "2", "--max-steps", "2", *CPU))
-    checkpoint = utils.load_checkpoint(stopped["last_checkpoint"])
+    checkpoint = checkpoints.load_checkpoint(stopped["last_checkpoint"])
     checkpoint["training"]["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 2
     checkpoint["args"]["device"] = "cuda:1"
     gpu_run = tmp_path / "ck" / "gpu-last.pth"
-    utils.save_checkpoint(gpu_run, checkpoint)
+    checkpoints.save_checkpoint(gpu_run, checkpoint)
     resumed = train.main(["--resume", str(gpu_run), "--device", "cpu", "--max-steps", "0"])
-    assert utils.load_checkpoint(resumed["last_checkpoint"])["training"]["step"] == 6
+    assert checkpoints.load_checkpoint(resumed["last_checkpoint"])["training"]["step"] == 6
     assert Path(resumed["last_checkpoint"]).parent == gpu_run.parent  # the run goes on beside its checkpoint
     state = utils.rng_state(torch.device("cpu"))
     assert "cuda" not in state  # a CPU run keeps no GPU generator, so it resumes on a GPU machine too
@@ -127,7 +129,7 @@ def test_jobs_run_from_another_directory_find_the_data(tmp_path: Path, monkeypat
     extract_features.main(["-m", result["checkpoint"], "--out", "features.npz", "--cache-dir", "cache2"])
     resumed = train.main(["--resume", result["last_checkpoint"], "--max-steps", "0"])
     assert Path(resumed["last_checkpoint"]) == first / "ck" / "tiny-last.pth"
-    assert utils.load_checkpoint(resumed["last_checkpoint"])["training"]["step"] == 6
+    assert checkpoints.load_checkpoint(resumed["last_checkpoint"])["training"]["step"] == 6
     assert (first / "res" / "tiny" / "curves.png").exists() and not (elsewhere / "ck").exists()
 
 
@@ -224,7 +226,7 @@ def test_torchrun_with_gloo_trains_and_writes_one_checkpoint(tmp_path: Path):
     assert result.stdout.count("best validation SSIM") == 1  # only rank 0 reports
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["tiny-last.pth", "tiny.pth"]
     # One step per epoch (12 slices / (4 x 2)); out of time from the start, and the ranks agree on it at step 10.
-    state = utils.load_checkpoint(tmp_path / "ck" / "tiny-last.pth")["training"]
+    state = checkpoints.load_checkpoint(tmp_path / "ck" / "tiny-last.pth")["training"]
     assert state["step"] == utils.STOP_CHECK_EVERY and state["world_size"] == 2
     assert "time limit of 0s reached" in result.stdout
 
@@ -236,7 +238,7 @@ def test_torchrun_trains_one_prior(tmp_path: Path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("best validation NLL") == 1 and "cpu x 2" in result.stdout
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["pr.pth", "vq-last.pth", "vq.pth"]
-    assert utils.load_checkpoint(tmp_path / "ck" / "pr.pth", expected_kind="prior")["epoch"] >= 1
+    assert checkpoints.load_checkpoint(tmp_path / "ck" / "pr.pth", expected_kind="prior")["epoch"] >= 1
 
 
 @pytest.mark.parametrize("job", ["train", "train_prior"])

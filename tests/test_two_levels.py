@@ -1,6 +1,8 @@
 """VQ-VAE-2: two levels of codes, and the hierarchical prior over them."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -11,13 +13,17 @@ from conftest import make_classes
 from test_end_to_end import train_args
 from test_prior import prior_args
 
+import checkpoints
 import extract_features
 import predict
 import train
 import train_prior
+import priors
 import utils
-from modules import (VQVAE, VQVAE2, GatedPixelCNN, HierarchicalPrior, PriorConfig, VQVAEConfig, build_vqvae,
-                     draw_codes, mixture_level_bits, stack_levels, unstack_levels)
+from modules import VQVAE, VQVAE2, VQVAEConfig, build_vqvae
+from pixelcnn import GatedPixelCNN, PixelCNNConfig
+from priors import HierarchicalPrior
+from sampling import draw_codes, mixture_level_bits, stack_levels, unstack_levels
 
 SMALL = dict(hidden_channels=32, residual_channels=8, num_residual_layers=1, num_embeddings=16, embedding_dim=8)
 TWO_LEVELS = ["--levels", "2"]
@@ -103,9 +109,9 @@ def test_stacked_levels_unstack_exactly():
 
 def hierarchical_prior() -> HierarchicalPrior:
     torch.manual_seed(0)
-    top = PriorConfig(num_embeddings=12, hidden_channels=16, num_layers=3, output_channels=16, num_classes=2)
-    bottom = PriorConfig(**{**top.to_dict(), "condition_embeddings": 12})
-    return HierarchicalPrior(top, bottom).eval()
+    top = PixelCNNConfig(num_embeddings=12, hidden_channels=16, num_layers=3, output_channels=16, num_classes=2)
+    bottom = dataclasses.replace(top, condition_embeddings=12)
+    return HierarchicalPrior(GatedPixelCNN(top), GatedPixelCNN(bottom)).eval()
 
 
 def test_bottom_prior_is_causal_in_the_bottom_codes_and_sees_the_whole_top_map():
@@ -171,7 +177,7 @@ def test_two_level_train_predict_features_prior_sample(tmp_path: Path):
     assert saved["codes_top"].shape[1:] == (4, 4) and saved["codes_bottom"].shape[1:] == (8, 8)
     assert saved["bag"].shape[1] == 2 * 32 and saved["grid"].shape[1] == 2 * 20 * 8  # both levels (K=32, D=8)
     prior = train_prior.main(prior_args(tmp_path, checkpoint, "--run-name", "pr2"))
-    prior_checkpoint = utils.load_checkpoint(prior["checkpoint"], expected_kind="prior")
+    prior_checkpoint = checkpoints.load_checkpoint(prior["checkpoint"], expected_kind="prior")
     assert prior_checkpoint["code_shapes"] == [[4, 4], [8, 8]] and len(prior_checkpoint["config"]["levels"]) == 2
     metrics_path = tmp_path / "prior.json"
     sampled = predict.main(["-m", prior["checkpoint"], "--sample", "3", "--cache-dir", str(tmp_path / "cache"),
@@ -189,10 +195,10 @@ def test_a_two_level_run_resumes_exactly(hipmri_dir: Path, tmp_path: Path):
     stopped = train.main(train_args(tmp_path / "b", hipmri_dir, *args, "--image-size", "32", "16",
                                     "--max-steps", "4"))
     resumed = train.main(["--resume", stopped["last_checkpoint"], "--max-steps", "0", "--device", "cpu"])
-    first, second = (utils.load_checkpoint(r["last_checkpoint"])["model"] for r in (straight, resumed))
+    first, second = (checkpoints.load_checkpoint(r["last_checkpoint"])["model"] for r in (straight, resumed))
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
 def test_a_one_level_prior_is_still_a_gated_pixelcnn():
-    prior = utils.build_prior([PriorConfig(num_embeddings=8, hidden_channels=8, num_layers=2)])
-    assert type(prior) is GatedPixelCNN and utils.prior_configs(PriorConfig().to_dict()) == [PriorConfig()]
+    prior = priors.build_prior([PixelCNNConfig(num_embeddings=8, hidden_channels=8, num_layers=2)])
+    assert type(prior) is GatedPixelCNN and checkpoints.prior_configs(PixelCNNConfig().to_dict()) == [PixelCNNConfig()]

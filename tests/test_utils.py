@@ -7,8 +7,11 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
+import checkpoints
+import figures
+import metrics
 import utils
-from dataset import make_phantom
+from demo import make_phantom
 from utils import UsageError
 
 
@@ -23,7 +26,7 @@ def realistic_pair(seed: int, shape=(96, 64)) -> tuple[np.ndarray, np.ndarray]:
 def test_ssim_matches_skimage(seed: int):
     image, noisy = realistic_pair(seed)
     expected = structural_similarity(image, noisy, data_range=1.0)
-    ours = utils.ssim_per_image(torch.tensor(noisy)[None, None], torch.tensor(image)[None, None]).item()
+    ours = metrics.ssim_per_image(torch.tensor(noisy)[None, None], torch.tensor(image)[None, None]).item()
     assert abs(ours - expected) < 1e-3
 
 
@@ -32,10 +35,10 @@ def test_ssim_matches_skimage_on_colour_and_batches():
     rgb = np.stack([pairs[0][0], pairs[1][0], pairs[2][0]], axis=-1)
     rgb_noisy = np.stack([pairs[0][1], pairs[1][1], pairs[2][1]], axis=-1)
     expected = structural_similarity(rgb, rgb_noisy, data_range=1.0, channel_axis=-1)
-    ours = utils.ssim_per_image(torch.tensor(rgb_noisy).permute(2, 0, 1)[None],
+    ours = metrics.ssim_per_image(torch.tensor(rgb_noisy).permute(2, 0, 1)[None],
                                 torch.tensor(rgb).permute(2, 0, 1)[None])
     assert abs(ours.item() - expected) < 1e-3
-    batch = utils.ssim_per_image(torch.tensor(np.stack([p[1] for p in pairs]))[:, None],
+    batch = metrics.ssim_per_image(torch.tensor(np.stack([p[1] for p in pairs]))[:, None],
                                  torch.tensor(np.stack([p[0] for p in pairs]))[:, None])
     for value, (image, noisy) in zip(batch.tolist(), pairs):
         assert abs(value - structural_similarity(image, noisy, data_range=1.0)) < 1e-3
@@ -43,31 +46,31 @@ def test_ssim_matches_skimage_on_colour_and_batches():
 
 def test_psnr_of_a_known_error():
     reference = torch.zeros(1, 1, 8, 8)
-    assert utils.psnr_per_image(reference + 0.1, reference).item() == pytest.approx(20.0, abs=1e-4)
+    assert metrics.psnr_per_image(reference + 0.1, reference).item() == pytest.approx(20.0, abs=1e-4)
 
 
 def test_codebook_usage_and_perplexity_on_hand_made_indices():
     counts = torch.bincount(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), minlength=8).float()
-    assert utils.codebook_usage(counts) == 0.5
-    assert utils.perplexity(counts) == pytest.approx(4.0)
+    assert metrics.codebook_usage(counts) == 0.5
+    assert metrics.perplexity(counts) == pytest.approx(4.0)
     one_code = torch.bincount(torch.tensor([5] * 10), minlength=8).float()
-    assert utils.codebook_usage(one_code) == 1 / 8 and utils.perplexity(one_code) == pytest.approx(1.0)
+    assert metrics.codebook_usage(one_code) == 1 / 8 and metrics.perplexity(one_code) == pytest.approx(1.0)
     skewed = torch.tensor([3.0, 1.0])
     entropy = -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))
-    assert utils.perplexity(skewed) == pytest.approx(np.exp(entropy))
+    assert metrics.perplexity(skewed) == pytest.approx(np.exp(entropy))
 
 
 def test_checkpoint_round_trip_leaves_no_temporary_files(tmp_path: Path):
     path = tmp_path / "ck" / "model.pth"
-    utils.save_checkpoint(path, {"kind": "vqvae", "config": {"a": 1}, "model": {"w": torch.ones(2)}})
-    loaded = utils.load_checkpoint(path, expected_kind="vqvae")
+    checkpoints.save_checkpoint(path, {"kind": "vqvae", "config": {"a": 1}, "model": {"w": torch.ones(2)}})
+    loaded = checkpoints.load_checkpoint(path, expected_kind="vqvae")
     assert torch.equal(loaded["model"]["w"], torch.ones(2))
     assert [p.name for p in path.parent.iterdir()] == ["model.pth"]
     (path.parent / ".model.pth.abc123.tmp").write_bytes(b"half a checkpoint from a killed run")
-    utils.save_checkpoint(path, {"kind": "vqvae", "config": {"a": 2}, "model": {}})
+    checkpoints.save_checkpoint(path, {"kind": "vqvae", "config": {"a": 2}, "model": {}})
     assert [p.name for p in path.parent.iterdir()] == ["model.pth"]
     with pytest.raises(UsageError, match="a prior checkpoint is needed"):
-        utils.load_checkpoint(path, expected_kind="prior")
+        checkpoints.load_checkpoint(path, expected_kind="prior")
 
 
 class Exploit:
@@ -79,39 +82,39 @@ def test_bad_checkpoints_are_refused_with_a_clear_message_and_never_run_code(tmp
     text = tmp_path / "notes.pth"
     text.write_text("hello")
     with pytest.raises(UsageError, match="notes.pth: cannot load checkpoint"):
-        utils.load_checkpoint(text)
+        checkpoints.load_checkpoint(text)
     good = tmp_path / "good.pth"
-    utils.save_checkpoint(good, {"kind": "vqvae", "config": {}, "model": {"w": torch.ones(1000)}})
+    checkpoints.save_checkpoint(good, {"kind": "vqvae", "config": {}, "model": {"w": torch.ones(1000)}})
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[:3000])
     with pytest.raises(UsageError, match="truncated or corrupt"):
-        utils.load_checkpoint(truncated)
+        checkpoints.load_checkpoint(truncated)
     marker = tmp_path / "pwned"
     exploit = Exploit()
     exploit.target = str(marker)
     crafted = tmp_path / "crafted.pth"
     torch.save({"kind": "vqvae", "config": {}, "payload": exploit}, crafted)
     with pytest.raises(UsageError, match="refused"):
-        utils.load_checkpoint(crafted)
+        checkpoints.load_checkpoint(crafted)
     assert not marker.exists()
     plain = tmp_path / "plain.pth"
     torch.save({"weights": torch.ones(1)}, plain)
     with pytest.raises(UsageError, match="not a checkpoint written by this tool"):
-        utils.load_checkpoint(plain)
+        checkpoints.load_checkpoint(plain)
 
 
 def test_mean_absolute_error_of_a_known_difference():
     reference = torch.zeros(2, 1, 4, 4)
     changed = reference.clone()
     changed[1] += 0.25
-    torch.testing.assert_close(utils.mae_per_image(changed, reference), torch.tensor([0.0, 0.25]))
+    torch.testing.assert_close(metrics.mae_per_image(changed, reference), torch.tensor([0.0, 0.25]))
 
 
 def test_code_colours_give_similar_codes_similar_colours():
     generator = torch.Generator().manual_seed(0)
     near_a = torch.randn(20, 8, generator=generator) * 0.05 + 3
     near_b = torch.randn(20, 8, generator=generator) * 0.05 - 3
-    colours = utils.code_colours(torch.cat([near_a, near_b]))
+    colours = figures.code_colours(torch.cat([near_a, near_b]))
     assert colours.shape == (40, 3) and colours.min() >= 0 and colours.max() <= 1
     within = torch.cdist(colours[:20], colours[:20]).max()
     across = torch.cdist(colours[:20], colours[20:]).min()
@@ -123,7 +126,7 @@ def test_figures_fill_their_canvas(tmp_path: Path):
     from PIL import Image
 
     images = torch.rand(4, 1, 64, 32)
-    utils.save_image_rows(tmp_path / "rows.png", {"a": images, "b": images}, title="a title")
+    figures.save_image_rows(tmp_path / "rows.png", {"a": images, "b": images}, title="a title")
     picture = np.asarray(Image.open(tmp_path / "rows.png").convert("L"), dtype=np.float32)
     blank_rows = (picture.std(axis=1) < 1).astype(int)  # rows that are all one colour (white)
     assert blank_rows[: len(blank_rows) // 8].sum() < 0.05 * len(blank_rows)
@@ -138,7 +141,7 @@ def test_gif_holds_one_frame_per_picture(tmp_path: Path):
     for index, size in enumerate([(40, 30), (42, 30), (40, 31)]):  # the grids of different epochs differ slightly
         frames.append(tmp_path / f"{index}.png")
         Image.new("RGB", size, (index * 80, 0, 0)).save(frames[-1])
-    utils.save_gif(tmp_path / "epochs.gif", frames)
+    figures.save_gif(tmp_path / "epochs.gif", frames)
     with Image.open(tmp_path / "epochs.gif") as gif:
         assert gif.n_frames == 3 and gif.size == (42, 31)
 

@@ -11,14 +11,18 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
+import checkpoints
+import figures
+import metrics
 import extract_features
 import predict
 import train
 import train_prior
 import utils
 from conftest import make_volumes, write_nifti, write_png
-from dataset import DEMO_VOXEL_MM, Preprocessing, find_data, fit_volume, load_split, make_demo_data, make_phantom, \
-    read_volume, volume_shape
+from dataset import find_data, load_split
+from demo import DEMO_VOXEL_MM, make_demo_data, make_phantom
+from readers import Preprocessing, fit_volume, read_volume, volume_shape
 from modules import VQVAEConfig, build_vqvae
 from test_end_to_end import train_args
 from utils import UsageError
@@ -132,7 +136,7 @@ def test_3d_ssim_is_skimage_on_3d_arrays():
     generator = torch.Generator().manual_seed(0)
     reference = torch.rand(2, 1, 12, 9, 15, generator=generator)
     distorted = (reference + 0.3 * torch.rand(reference.shape, generator=generator)).clamp(0, 1)
-    ours = utils.ssim_per_image(distorted, reference)
+    ours = metrics.ssim_per_image(distorted, reference)
     for index in range(2):
         theirs = structural_similarity(distorted[index, 0].numpy(), reference[index, 0].numpy(), win_size=7,
                                        data_range=1.0)
@@ -163,7 +167,7 @@ def test_demo_volumes_stack_the_phantom_slices_in_ras_order(tmp_path: Path):
     image = nib.load(str(path))
     assert image.shape == (16, 12, 8) and np.allclose(nib.affines.voxel_sizes(image.affine), DEMO_VOXEL_MM)
     volume = torch.from_numpy(np.asarray(image.dataobj))
-    axial = utils.mid_planes(volume)[0]  # shown with anterior up: the phantom slice as make_phantom draws it
+    axial = figures.mid_planes(volume)[0]  # shown with anterior up: the phantom slice as make_phantom draws it
     np.testing.assert_array_equal(axial.numpy(), make_phantom(0, 4 / 8, (12, 16)))
 
 
@@ -171,7 +175,7 @@ def test_3d_train_predict_features_and_the_prior_refuses(tmp_path: Path):
     data = make_volumes(tmp_path / "data", counts=(6, 2, 2))
     result = train.main(train_args(tmp_path, data, "--spatial-dims", "3", "--epochs", "2", "--kmeans-init",
                                    "--precision", "bf16"))
-    saved = utils.load_checkpoint(result["checkpoint"])
+    saved = checkpoints.load_checkpoint(result["checkpoint"])
     assert saved["config"]["spatial_dims"] == 3 and tuple(saved["preprocessing"]["image_size"]) == (16, 16, 16)
     rows = utils.read_csv_rows(Path(result["figures"]) / "metrics.csv")
     assert len(rows) == 2 and 0 < float(rows[-1]["val_ssim"]) < 1
@@ -201,7 +205,7 @@ def test_a_3d_run_resumes_exactly(tmp_path: Path):
     straight = train.main(train_args(tmp_path / "a", data, *args))
     stopped = train.main(train_args(tmp_path / "b", data, *args, "--max-steps", "3"))
     resumed = train.main(["--resume", stopped["last_checkpoint"], "--max-steps", "0", "--device", "cpu"])
-    first, second = (utils.load_checkpoint(r["last_checkpoint"])["model"] for r in (straight, resumed))
+    first, second = (checkpoints.load_checkpoint(r["last_checkpoint"])["model"] for r in (straight, resumed))
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
@@ -218,7 +222,7 @@ def test_3d_training_compiles_as_one_graph(tmp_path: Path):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     result = train.main(train_args(tmp_path, data, "--spatial-dims", "3", "--compile", "--max-steps", "2"))
-    assert utils.load_checkpoint(result["last_checkpoint"])["training"]["step"] == 2
+    assert checkpoints.load_checkpoint(result["last_checkpoint"])["training"]["step"] == 2
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     assert not torch._dynamo.utils.counters["graph_break"]
 
@@ -231,5 +235,5 @@ def test_torchrun_trains_a_3d_model_with_one_checkpoint(tmp_path: Path):
                                              "--epochs", "2"), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("best validation SSIM") == 1
-    state = utils.load_checkpoint(tmp_path / "ck" / "tiny-last.pth")["training"]
+    state = checkpoints.load_checkpoint(tmp_path / "ck" / "tiny-last.pth")["training"]
     assert state["world_size"] == 2 and state["step"] == 2  # 8 volumes / (4 x 2 processes): one step per epoch

@@ -1,0 +1,182 @@
+"""How good a model is: SSIM, PSNR and MAE of reconstructions, codebook use, a prior's bits per code, and the
+Frechet distance of two sets of features; evaluating a VQ-VAE or a prior over a whole split."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from modules import VQVAE, VQVAE2, as_levels, count_codes
+from sampling import mixture_level_bits, unstack_levels
+from utils import all_reduce_sum, autocast, progress_bar
+
+
+SSIM_WINDOW = 7  # skimage.metrics.structural_similarity defaults: 7x7 uniform window, sample covariance
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+
+
+def ssim_per_image(images: torch.Tensor, references: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """SSIM of each image in a [B, C, H, W] batch (or volume in a [B, C, D, H, W] one), as skimage computes it
+    (channels averaged; volumes with a 7x7x7 window, as skimage on 3D arrays).
+
+    A valid (unpadded) 7x7 box filter equals skimage's reflect-padded filter followed by its border crop,
+    so the mean over the valid region is exactly skimage's mean SSIM.
+    """
+    x, y = images.float(), references.float()
+    spatial = x.shape[2:]
+    if min(spatial) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs sides of at least {SSIM_WINDOW}, got {tuple(spatial)}")
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    count = SSIM_WINDOW ** len(spatial)
+    covariance_norm = count / (count - 1)
+    pool = F.avg_pool3d if len(spatial) == 3 else F.avg_pool2d
+
+    def box(t: torch.Tensor) -> torch.Tensor:
+        return pool(t, SSIM_WINDOW, stride=1)
+
+    mean_x, mean_y = box(x), box(y)
+    var_x = covariance_norm * (box(x * x) - mean_x * mean_x)
+    var_y = covariance_norm * (box(y * y) - mean_y * mean_y)
+    cov_xy = covariance_norm * (box(x * y) - mean_x * mean_y)
+    numerator = (2 * mean_x * mean_y + c1) * (2 * cov_xy + c2)
+    denominator = (mean_x**2 + mean_y**2 + c1) * (var_x + var_y + c2)
+    return (numerator / denominator).flatten(1).mean(dim=1)
+
+
+def psnr_per_image(images: torch.Tensor, references: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    mse = (images.float() - references.float()).pow(2).flatten(1).mean(dim=1).clamp_min(1e-10)
+    return 10 * torch.log10(data_range**2 / mse)
+
+
+def mae_per_image(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error of each image (or volume) in a batch (in the [0, 1] intensity scale)."""
+    return (images.float() - references.float()).abs().flatten(1).mean(dim=1)
+
+
+def codebook_usage(code_counts: torch.Tensor) -> float:
+    """Fraction of the codebook used at least once in the counted codes."""
+    return (code_counts > 0).float().mean().item()
+
+
+def perplexity(code_counts: torch.Tensor) -> float:
+    """exp(entropy) of the code distribution: the effective number of codes in use."""
+    total = code_counts.sum()
+    if total == 0:
+        return 0.0
+    probabilities = code_counts.double() / total
+    entropy = -(probabilities * torch.log(probabilities.clamp_min(1e-30))).sum()
+    return entropy.exp().item()
+
+
+@torch.no_grad()
+def evaluate_vqvae(model: VQVAE | VQVAE2, loader, description: str = "validate", ssim_weight: float = 0.0,
+                   precision: str = "fp32") -> dict:
+    """Loss (the training objective), SSIM, PSNR, MAE and code use of each level over a whole split, summed over
+    all processes (see code_use for the keys of code use).
+
+    Nothing is read back to the host until the end (a process whose share of the split is empty adds zeros)."""
+    model.eval()
+    device = loader.device
+    sums = torch.zeros(4, device=device)  # loss, ssim, psnr, mae
+    count, ssims = 0, []
+    code_counts = torch.zeros(len(model.levels), model.config.num_embeddings, device=device)
+    for images, _ in progress_bar(loader, desc=description, unit="batch"):
+        with autocast(device, precision):
+            reconstruction, codes, vq_loss = model(images)
+        reconstruction = reconstruction.float().clamp(0, 1)
+        ssim = ssim_per_image(reconstruction, images)
+        loss = F.mse_loss(reconstruction, images, reduction="none").flatten(1).mean(dim=1) + ssim_weight * (1 - ssim)
+        sums += torch.stack([(loss + vq_loss).sum(), ssim.sum(), psnr_per_image(reconstruction, images).sum(),
+                             mae_per_image(reconstruction, images).sum()])
+        count += len(images)
+        ssims.append(ssim)
+        code_counts += level_code_counts(codes, model.config.num_embeddings)
+    totals = all_reduce_sum(torch.cat([sums, torch.tensor([float(count)], device=device), code_counts.flatten()]))
+    loss, ssim_sum, psnr, mae, total = totals[:5].tolist()
+    code_counts = totals[5:].view_as(code_counts)
+    total = max(total, 1.0)
+    return {"loss": loss / total, "ssim": ssim_sum / total, "psnr": psnr / total, "mae": mae / total,
+            "ssim_per_image": torch.cat(ssims).cpu() if ssims else torch.zeros(0),
+            **code_use(code_counts, model.levels), "code_counts": code_counts.cpu()}
+
+
+def level_code_counts(codes: torch.Tensor | Sequence[torch.Tensor], num_codes: int) -> torch.Tensor:
+    """How often each code occurs, per level [L, K], from a model's codes (one map or one per level)."""
+    return torch.stack([count_codes(level, num_codes) for level in as_levels(codes)])
+
+
+def level_suffixes(levels: Sequence[str]) -> list[str]:
+    """Metric-name suffixes per level: none for one level (names as they always were), _top and _bottom for two."""
+    return [""] if len(levels) == 1 else [f"_{name}" for name in levels]
+
+
+def level_names(levels: Sequence[str]) -> list[tuple[str, str]]:
+    """(metric-name suffix, label for printing) per level: ("", "") for one level, ("_top", "top ") and so on."""
+    return [(suffix, f"{suffix[1:]} " if suffix else "") for suffix in level_suffixes(levels)]
+
+
+def format_level_bits(report: dict, levels: Sequence[str]) -> str:
+    """"; top 3.292; bottom 5.542" from a prior_report of several levels, "" for one."""
+    return "".join(f"; {level} {report[f'bits_per_code_{level}']:.3f}" for level in levels
+                   if f"bits_per_code_{level}" in report)
+
+
+def code_use(code_counts: torch.Tensor, levels: Sequence[str]) -> dict:
+    """perplexity and codebook_usage of each level, from counts [L, K] (suffixed per level: level_suffixes)."""
+    use = {}
+    for suffix, counts in zip(level_suffixes(levels), code_counts):
+        use[f"perplexity{suffix}"] = perplexity(counts)
+        use[f"codebook_usage{suffix}"] = codebook_usage(counts)
+    return use
+
+
+def class_log_prior(class_counts: Sequence[int]) -> list[float]:
+    """log p(class) from the classes' training counts."""
+    total = sum(max(count, 1) for count in class_counts)
+    return [math.log(max(count, 1) / total) for count in class_counts]
+
+
+def level_positions(stacked: torch.Tensor, levels: int) -> list[int]:
+    """Codes per map of each level, from a batch (possibly empty) of stacked code maps."""
+    return [maps.shape[-2] * maps.shape[-1] for maps in unstack_levels(stacked, levels)]
+
+
+def prior_report(bits_per_level: Sequence[float], positions: Sequence[int], maps: float,
+                 names: Sequence[str]) -> dict:
+    """NLL in bits per code (over all levels, and per level when there are several) and in bits per image."""
+    report = {"bits_per_code": sum(bits_per_level) / max(maps * sum(positions), 1.0),
+              "bits_per_image": sum(bits_per_level) / max(maps, 1.0)}
+    if len(names) > 1:
+        report.update({f"bits_per_code_{name}": bits / max(maps * count, 1.0)
+                       for name, bits, count in zip(names, bits_per_level, positions)})
+    return report
+
+
+@torch.no_grad()
+def evaluate_prior(prior: torch.nn.Module, loader, log_prior: Sequence[float] | None = None,
+                   unlabelled=None, precision: str = "fp32") -> dict:
+    """A split's negative log-likelihood under a prior, over all processes (see prior_report for the keys).
+
+    Batches hold stacked code maps (stack_levels). For a class-conditional prior (log_prior = log p(class) given)
+    the maps of `loader` are scored under their label, and those of `unlabelled` (maps with no class folder) under
+    the class mixture (mixture_level_bits)."""
+    prior.eval()
+    device, names = loader.device, prior.levels
+    totals, count = torch.zeros(len(names), device=device), 0
+    for source, mixture in ((loader, False), (unlabelled, True)):
+        for stacked, labels in progress_bar(source or [], desc="prior NLL", unit="batch"):
+            maps = unstack_levels(stacked, len(names))
+            with autocast(device, precision):
+                if mixture:
+                    bits = mixture_level_bits([prior.level_bits(maps, torch.full_like(labels, label))
+                                               for label in range(len(log_prior))], log_prior)
+                else:
+                    bits = prior.level_bits(maps, None if log_prior is None else labels)
+            totals += torch.stack([level.sum() for level in bits])
+            count += len(labels)
+    summed = all_reduce_sum(torch.cat([totals, torch.tensor([float(count)], device=device)])).tolist()
+    return prior_report(summed[:-1], level_positions(loader.data, len(names)), summed[-1], names)
+
+

@@ -1,0 +1,270 @@
+"""One file to arrays: reading NIfTI slices and volumes and PNG/JPG/TIF pictures, scaling their intensities, and
+fitting them to the network's shape without distortion. A file that cannot be used raises BadFile."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from utils import UsageError, shape_text
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+@dataclass
+class Preprocessing:
+    """How every slice is brought to the network's input; saved in checkpoints so predict.py repeats it."""
+
+    image_size: tuple[int, ...] | None = None  # (H, W), or (X, Y, Z) for volumes (RAS); None = the most common
+    channels: int = 1
+    resize: str = "fit"  # "fit": scale to fit inside, then pad; "crop": scale to cover, then centre-crop
+    slice_axis: int = 2  # for 3D NIfTI volumes cut into 2D slices
+    percentiles: tuple[float, float] = (0.5, 99.5)  # robust intensity range for non-8-bit images
+    spatial_dims: int = 2  # 3: whole volumes, in canonical RAS orientation and physical proportions
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Preprocessing":
+        values = dict(values)
+        for key in ("image_size", "percentiles"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+class BadFile(Exception):
+    """One file that cannot be used; it is skipped, counted and reported."""
+
+
+# ----------------------------------------------------------------------------- slices and pictures
+
+def unreadable(error: Exception) -> BadFile:
+    """The skip message of a file its decoder failed on (the decoders raise many types for damaged files)."""
+    return BadFile(f"cannot be read ({type(error).__name__}: {str(error).strip()[:120]})")
+
+def _scale_robust(array: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    low, high = (float(value) for value in np.percentile(array, percentiles))  # Python floats keep float32 data
+    if high <= low:  # most pixels share one value: fall back to the full range
+        low, high = float(array.min()), float(array.max())
+    return np.clip((array - low) / (high - low), 0, 1)
+
+def _read_nifti(path: Path, prep: Preprocessing) -> list[tuple[np.ndarray, bool]]:
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    eight_bit = image.get_data_dtype() == np.uint8
+    volume = np.asarray(image.get_fdata(dtype=np.float32))
+    while volume.ndim > 2 and volume.shape[-1] == 1:
+        volume = volume[..., 0]
+    if volume.ndim == 2:
+        return [(volume, eight_bit)]
+    if volume.ndim != 3:
+        raise BadFile(f"has {volume.ndim} dimensions {volume.shape}; expected a 2D slice or a 3D volume")
+    if not -3 <= prep.slice_axis < 3:
+        raise UsageError(f"--slice-axis {prep.slice_axis} is out of range for 3D volume {path}")
+    slices = np.moveaxis(volume, prep.slice_axis, 0)
+    kept = [(s, eight_bit) for s in slices if np.isfinite(s).all() and s.max() > s.min()]
+    if not kept:
+        raise BadFile("is a 3D volume whose slices are all empty or constant")
+    return kept
+
+def _read_picture(path: Path, prep: Preprocessing) -> list[tuple[np.ndarray, bool]]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            array = np.asarray(image, dtype=np.float32)
+            return [(np.repeat(array[..., None], 3, axis=-1) if prep.channels == 3 else array, False)]
+        converted = image.convert("RGB" if prep.channels == 3 else "L")
+        return [(np.asarray(converted, dtype=np.float32), True)]
+
+def read_slices(path: Path, prep: Preprocessing) -> list[np.ndarray]:
+    """The 2D slices of one file as float32 [C, H, W] arrays in [0, 1], before resizing. Raises BadFile."""
+    reader = _read_nifti if path.name.lower().endswith(NIFTI_SUFFIXES) else _read_picture
+    try:
+        raw_slices = reader(path, prep)
+    except (BadFile, UsageError):
+        raise
+    except Exception as error:
+        raise unreadable(error) from None
+    slices = []
+    for array, eight_bit in raw_slices:
+        if not np.isfinite(array).all():
+            raise BadFile("contains NaN or infinite pixel values")
+        if array.max() == array.min():
+            raise BadFile(f"is constant (every pixel is {array.flat[0]:g}): nothing to learn from")
+        scaled = array / 255.0 if eight_bit else _scale_robust(array, prep.percentiles)
+        if scaled.ndim == 2:
+            scaled = scaled[None]
+            if prep.channels == 3:
+                scaled = np.repeat(scaled, 3, axis=0)
+        else:
+            scaled = np.transpose(scaled, (2, 0, 1))
+        slices.append(scaled.astype(np.float32))
+    return slices
+
+def _centre(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """[1, C, *S] zero-padded or cropped about its centre to [1, C, *shape] (negative padding crops)."""
+    pads: list[int] = []
+    for size, target in zip(reversed(tensor.shape[2:]), reversed(shape)):
+        missing = target - size
+        pads += [missing // 2, missing - missing // 2]
+    return F.pad(tensor, pads)
+
+def fit_to_shape(image: np.ndarray, shape: tuple[int, int], mode: str = "fit") -> np.ndarray:
+    """Resize [C, H, W] to shape without distorting the aspect ratio: fit inside and pad, or cover and crop."""
+    height, width = image.shape[-2:]
+    target_h, target_w = shape
+    ratios = (target_h / height, target_w / width)
+    scale = min(ratios) if mode == "fit" else max(ratios)
+    tensor = torch.from_numpy(np.ascontiguousarray(image))[None]
+    if scale != 1:
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        if mode == "fit":
+            size = (min(size[0], target_h), min(size[1], target_w))
+        else:
+            size = (max(size[0], target_h), max(size[1], target_w))
+        tensor = F.interpolate(tensor, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)
+    return _centre(tensor, shape)[0].clamp_(0, 1).numpy()
+
+def slice_shape(path: Path, slice_axis: int) -> tuple[int, int] | None:
+    """The 2D shape of a file's slices from its header alone (None when unreadable)."""
+    try:
+        if path.name.lower().endswith(NIFTI_SUFFIXES):
+            import nibabel as nib
+
+            shape = [s for s in nib.load(str(path)).shape]
+            while len(shape) > 2 and shape[-1] == 1:
+                shape.pop()
+            if len(shape) == 3:
+                shape.pop(slice_axis)
+            return (shape[0], shape[1]) if len(shape) == 2 else None
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.height, image.width
+    except Exception:
+        return None
+
+def native_image_size(files: Sequence[tuple[Path, str]], multiple: int, slice_axis: int = 2,
+                      spatial_dims: int = 2) -> tuple[int, ...]:
+    """The most common slice shape among files (volumes: their shape in voxels of their finest spacing), rounded up
+    to a multiple of the network's code cell."""
+    sample = files[:: max(1, len(files) // 500)]  # headers of a few hundred files are enough to find the mode
+    shape_of = volume_shape if spatial_dims == 3 else lambda path: slice_shape(path, slice_axis)
+    shapes = Counter(shape for path, _ in sample if (shape := shape_of(path)) is not None)
+    if not shapes:
+        kind = "3D NIfTI volumes" if spatial_dims == 3 else "readable images"
+        raise UsageError(f"none of the files in {files[0][0].parent} are {kind}")
+    return tuple(math.ceil(side / multiple) * multiple for side in shapes.most_common(1)[0][0])
+
+
+# ----------------------------------------------------------------------------- volumes (3D runs)
+
+def _volume_header(path: Path):
+    """The NIfTI image of a file meant as one 3D volume (data not read yet). Raises BadFile."""
+    import nibabel as nib
+
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        raise BadFile("is a 2D picture; a 3D run (--spatial-dims 3) reads NIfTI volumes")
+    try:
+        image = nib.load(str(path))
+    except Exception as error:
+        raise unreadable(error) from None
+    shape = list(image.shape)
+    while len(shape) > 3 and shape[-1] == 1:  # a volume stored with trailing singleton axes
+        shape.pop()
+    if len(shape) < 3 or min(shape) == 1:
+        raise BadFile(f"is a 2D slice ({shape_text(image.shape)}); a 3D run needs volumes "
+                      "(train on slices without --spatial-dims 3)")
+    if len(shape) > 3:
+        raise BadFile(f"is {len(shape)}D ({shape_text(image.shape)}); a 3D run takes one volume per file "
+                      "(split time series or channels into files)")
+    _canonical_axes(image.affine)  # a degenerate affine is refused before any data is read
+    return image
+
+def _canonical_axes(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each stored axis, the canonical (RAS) axis it becomes, and the voxel spacing along each stored axis."""
+    import nibabel as nib
+
+    orientation = nib.orientations.io_orientation(affine)
+    if np.isnan(orientation).any():
+        raise BadFile("has a degenerate affine (an axis with no direction in space): its orientation is unknown")
+    spacing = nib.affines.voxel_sizes(affine)
+    spacing = np.where(np.isfinite(spacing) & (spacing > 0), spacing, 1.0)
+    return orientation[:, 0].astype(int), spacing
+
+def volume_shape(path: Path) -> tuple[int, int, int] | None:
+    """A volume's shape in voxels of its finest spacing, in canonical orientation, from its header alone (None when
+    it is not a readable 3D volume): the shape it has in the network without distortion."""
+    try:
+        image = _volume_header(path)
+    except BadFile:
+        return None
+    axes, spacing = _canonical_axes(image.affine)
+    extent = np.zeros(3)
+    extent[axes] = np.array(image.shape[:3]) * spacing
+    return tuple(int(round(length)) for length in extent / spacing.min())
+
+def read_volume(path: Path, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """One volume as float32 [1, X, Y, Z] in [0, 1], turned to nibabel's closest canonical orientation (RAS+: the
+    axes run to the patient's right, anterior, superior), and its voxel spacing along those axes. Raises BadFile."""
+    import nibabel as nib
+
+    image = _volume_header(path)
+    try:
+        canonical = nib.as_closest_canonical(image)
+        volume = np.asarray(canonical.get_fdata(dtype=np.float32)).reshape(canonical.shape[:3])
+    except Exception as error:
+        raise unreadable(error) from None
+    if not np.isfinite(volume).all():
+        raise BadFile("contains NaN or infinite voxel values")
+    if volume.max() == volume.min():
+        raise BadFile(f"is constant (every voxel is {volume.flat[0]:g}): nothing to learn from")
+    scaled = volume / 255.0 if image.get_data_dtype() == np.uint8 else _scale_robust(volume, prep.percentiles)
+    return scaled[None].astype(np.float32), _canonical_axes(canonical.affine)[1]
+
+def fit_volume(volume: np.ndarray, spacing: Sequence[float], shape: Sequence[int], mode: str = "fit") -> np.ndarray:
+    """Resample [C, X, Y, Z] to `shape` voxels, all of one size, so that nothing is stretched in physical space:
+    the voxel size is the one at which the whole volume fits inside the shape ("fit", then zero-padded) or covers
+    it ("crop", then centre-cropped). Axes that grow are interpolated (trilinear), axes that shrink averaged."""
+    extent = np.array(volume.shape[1:]) * np.asarray(spacing, dtype=np.float64)
+    ratios = extent / np.array(shape)
+    voxel = ratios.max() if mode == "fit" else ratios.min()
+    size = [max(1, round(length / voxel)) for length in extent]
+    size = [min(side, target) if mode == "fit" else max(side, target) for side, target in zip(size, shape)]
+    tensor = torch.from_numpy(np.ascontiguousarray(volume))[None]
+    grown = [max(side, current) for side, current in zip(size, tensor.shape[2:])]
+    if grown != list(tensor.shape[2:]):
+        tensor = F.interpolate(tensor, size=grown, mode="trilinear", align_corners=False)
+    if size != grown:  # box-averaging: no aliasing where a volume shrinks
+        tensor = F.interpolate(tensor, size=size, mode="area")
+    return _centre(tensor, shape)[0].clamp_(0, 1).numpy()
+
+def _preprocess_volume(path: Path, prep: Preprocessing, min_side: int) -> np.ndarray:
+    volume, spacing = read_volume(path, prep)
+    if min(volume.shape[1:]) < min_side:
+        raise BadFile(f"is {shape_text(volume.shape[1:])} voxels, smaller than one code cell "
+                      f"({min_side}x{min_side}x{min_side})")
+    return np.round(fit_volume(volume, spacing, prep.image_size, prep.resize) * 255).astype(np.uint8)
+
+
+def preprocess_file(path: Path, prep: Preprocessing, min_side: int) -> list[np.ndarray]:
+    """A file's slices (or its volume) preprocessed to uint8 arrays at the configured shape. Raises BadFile."""
+    if prep.spatial_dims == 3:
+        return [_preprocess_volume(path, prep, min_side)]
+    slices = read_slices(path, prep)
+    height, width = slices[0].shape[-2:]
+    if min(height, width) < min_side:
+        raise BadFile(f"is {height}x{width}, smaller than the {min_side}x{min_side} the network needs")
+    return [np.round(fit_to_shape(s, prep.image_size, prep.resize) * 255).astype(np.uint8) for s in slices]
