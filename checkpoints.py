@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from dataset import DATA_FOLDERS, DataSource, find_data, list_images, split_folders
+from dataset import DataSource, dataset_folders, find_data, list_images
 from demo import make_demo_data
 from modules import VQVAE, VQVAE2, VQVAEConfig, build_vqvae, weights_fingerprint
 from priors import build_prior, prior_configs
@@ -79,11 +79,12 @@ def load_prior(path: str | os.PathLike, device: torch.device, vqvae_path: str | 
     return prior.to(device).eval(), checkpoint, vqvae, vqvae_checkpoint
 
 
-def checkpoint_data(checkpoint: dict, override: str | None = None, log: Log = print) -> DataSource:
+def checkpoint_data(checkpoint: dict, override: str | None = None, log: Log = print,
+                    require_train: bool = True) -> DataSource:
     """The splits a VQ-VAE checkpoint was trained with: its data folder (or `override`), with the validation split
-    carved from the training folder as it was then."""
+    carved from the training folder as it was then (require_train=False: a data set may lack a train split)."""
     recorded = checkpoint.get("data", {})
-    source = find_data(data_dir_of(checkpoint, override, log), recorded.get("val_fraction", 0.1))
+    source = find_data(data_dir_of(checkpoint, override, log), recorded.get("val_fraction", 0.1), require_train)
     if source.carved and "val_fraction" not in recorded:
         log("warning: this checkpoint was trained before validation splits were carved by case: the validation split"
             " is carved anew and may hold files the model trained on")
@@ -99,13 +100,12 @@ def evaluation_data(checkpoint: dict, override: str | None = None, log: Log = pr
         return DataSource(path.parent, {"test": [(path, "")]}, [f"evaluating the single file {path}"])
     own_root = Path(checkpoint.get("data", {}).get("root", "/"))
     # A folder named like the checkpoint's own is taken for that data, moved: its own carve-out is evaluated.
-    if path is not None and path.is_dir() and path.name != own_root.name and not split_folders(path) \
-            and not any((path / name).is_dir() for name in DATA_FOLDERS):
+    if path is not None and path.is_dir() and path.name != own_root.name and not dataset_folders(path):
         files = list_images(path)
         if not files:
             raise UsageError(f"{path}: no images found (looked for {', '.join(NIFTI_SUFFIXES + PICTURE_SUFFIXES)})")
         return DataSource(path, {"test": files}, [f"no split folders in {path}: evaluating all its {len(files)} files"])
-    return checkpoint_data(checkpoint, override, log)
+    return checkpoint_data(checkpoint, override, log, require_train=False)
 
 
 def data_dir_of(checkpoint: dict, override: str | None = None, log: Log = print) -> Path:

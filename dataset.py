@@ -26,11 +26,7 @@ SPLIT_ALIASES = {
     "test": ("test", "testing"),
 }
 
-DATA_FOLDERS = ("keras_slices_data", "keras_png_slices_data")
-
 CACHE_VERSION = 1
-Log = Callable[[str], None]
-
 Log = Callable[[str], None]
 
 
@@ -52,6 +48,7 @@ class SliceSet:
     def as_float(self, index: slice | torch.Tensor) -> torch.Tensor:
         return self.images[index].float().div_(255)
 
+
 @dataclass
 class DataSource:
     """Where each split's files are, found from one --data folder."""
@@ -65,12 +62,32 @@ class DataSource:
     def class_names(self) -> list[str]:
         return sorted({label for files in self.files.values() for _, label in files if label})
 
+    def split_files(self, split: str) -> list[tuple[Path, str]]:
+        """The files of one split; a split that is not there is a UsageError saying why."""
+        if split in self.files:
+            return self.files[split]
+        if split == "validate" and len(self.files.get("train", [])) == 1:
+            raise UsageError(f"{self.root}: only one training image and no validation split; need at least two images")
+        raise UsageError(f"{self.root}: has no {split} split")
+
 
 # ----------------------------------------------------------------------------- finding files
 
 def _is_image_file(path: Path) -> bool:
     name = path.name.lower()
     return name.endswith(NIFTI_SUFFIXES + PICTURE_SUFFIXES) and not name.startswith(".")
+
+
+def _visible(name: str) -> bool:
+    """Not a dot-folder, nor the resource forks an archive made on a Mac carries (__MACOSX/)."""
+    return not name.startswith(".") and name != "__MACOSX"
+
+
+def _named_like_a_file(folder_name: str) -> bool:
+    """Some unzip tools leave each case_x.nii.gz as a folder case_x.nii/ holding case_x.nii: that folder is the
+    file, never a class."""
+    return folder_name.lower().endswith(NIFTI_SUFFIXES + PICTURE_SUFFIXES)
+
 
 def _split_of(folder_name: str) -> str | None:
     name = folder_name.lower()
@@ -81,20 +98,36 @@ def _split_of(folder_name: str) -> str | None:
             return split
     return None
 
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(child for child in folder.iterdir() if child.is_dir() and _visible(child.name)
+                  and not _named_like_a_file(child.name))
+
+
 def list_images(folder: Path) -> list[tuple[Path, str]]:
-    """Image files under a split folder, with the class subfolder (first level) as label; skips 'seg' folders."""
+    """Image files under a split folder, with the class subfolder (first level) as label; skips 'seg' folders,
+    dot-folders and __MACOSX/, and takes a folder named like an image file for that file."""
     found = []
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
-        if any("seg" in part.lower() for part in relative.parts[:-1]) or not path.is_file():
+        folders = relative.parts[:-1]
+        if not path.is_file() or not _is_image_file(path) or any(
+                "seg" in part.lower() or not _visible(part) for part in folders):
             continue
-        if _is_image_file(path):
-            found.append((path, relative.parts[0] if len(relative.parts) > 1 else ""))
+        classes = [part for part in folders if not _named_like_a_file(part)]
+        found.append((path, classes[0] if classes else ""))
     return found
 
+
+def logical_path(relative: Path) -> Path:
+    """A file's path as its user named it: case_x.nii/case_x.nii (an unzipped case_x.nii.gz) is case_x.nii."""
+    return relative.parent if _named_like_a_file(relative.parent.name) else relative
+
+
 def split_folders(root: Path) -> dict[str, Path]:
+    """The split folders directly inside root, by split."""
     folders: dict[str, Path] = {}
-    for child in sorted(p for p in root.iterdir() if p.is_dir()):
+    for child in _subfolders(root):
         split = _split_of(child.name)
         if split is None:
             continue
@@ -105,10 +138,31 @@ def split_folders(root: Path) -> dict[str, Path]:
     return folders
 
 
+def dataset_folders(root: Path) -> list[Path]:
+    """The folders, root itself or at most two levels below it, that hold split folders: the data sets under root
+    (HipMRI_study_keras_slices_data/ in the folder its archive was unpacked to, for example)."""
+    if split_folders(root):
+        return [root]
+    found = []
+    for child in _subfolders(root):
+        found += [child] if split_folders(child) else [folder for folder in _subfolders(child) if split_folders(folder)]
+    return found
+
+
+def _deeper_split_folders(root: Path) -> list[Path]:
+    """Split-named folders anywhere below root (visible ones only)."""
+    found = []
+    for folder, children, _ in os.walk(root):
+        children[:] = sorted(child for child in children if _visible(child) and not _named_like_a_file(child))
+        found += [Path(folder) / child for child in children if _split_of(child)]
+    return found
+
+
 # A subject's id at the start of a file name (case_004_week_0_slice_0.nii.gz -> case_004), else what comes before
 # "_slice" (scan7_slice_12.png -> scan7).
 
 CASE_ID = re.compile(r"^((?:case|subject|sub|patient|pat)[-_]?\d+)", re.IGNORECASE)
+
 
 def case_id(relative_path: Path) -> str | None:
     """The case (subject) a slice file belongs to, from its name, with its class folder; None when the name
@@ -124,8 +178,10 @@ def case_id(relative_path: Path) -> str | None:
         case = name[:position]
     return str(relative_path.parent / case)
 
+
 def _hash_rank(key: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()
+
 
 def _carve_validation(files: list[tuple[Path, str]], fraction: float, root: Path) -> tuple[list, list, str]:
     """Hold out about `fraction` of the files as validation, whole cases at a time: slices of one case never land
@@ -133,7 +189,7 @@ def _carve_validation(files: list[tuple[Path, str]], fraction: float, root: Path
     path relative to the data folder, so the carve-out never depends on order or seed."""
     groups: dict[str, list[Path]] = {}
     for path, _ in files:
-        relative = path.relative_to(root)
+        relative = logical_path(path.relative_to(root))
         groups.setdefault(case_id(relative) or str(relative), []).append(path)
     if len(groups) < 2:  # one case only: nothing to keep apart, so hold out single files
         groups = {str(path.relative_to(root)): [path] for path, _ in files}
@@ -151,44 +207,58 @@ def _carve_validation(files: list[tuple[Path, str]], fraction: float, root: Path
             f"({len(held_out) / len(files):.0%}: {how}), chosen by a hash of their path, the same every run")
     return [f for f in files if f[0] not in held_out], [f for f in files if f[0] in held_out], note
 
-def find_data(data_dir: str | Path, val_fraction: float = 0.1) -> DataSource:
-    """Find the train / validate / test files under data_dir (HipMRI, OASIS or generic layouts)."""
+
+def _one_data_set(root: Path, notes: list[str]) -> Path:
+    """The data set under root: root itself, or the one folder at most two levels down that holds split folders."""
+    candidates = dataset_folders(root)
+    if len(candidates) > 1:
+        names = ", ".join(f"{folder.relative_to(root)}/" for folder in candidates)
+        raise UsageError(f"{root}: holds {len(candidates)} data sets ({names}); point --data at one of them")
+    if candidates and candidates[0] != root:
+        notes.append(f"data set found in {candidates[0]}")
+        return candidates[0]
+    return root
+
+
+def find_data(data_dir: str | Path, val_fraction: float = 0.1, require_train: bool = True) -> DataSource:
+    """Find the train / validate / test files under data_dir: a folder of split folders (HipMRI, OASIS or generic
+    names), a folder with one such data set at most two levels down, or a folder of images (all for training).
+    Without a validation split one is carved from train (see _carve_validation) when train has two files or more;
+    require_train=False also takes a data set without a train split (to evaluate another split)."""
     root = Path(data_dir).expanduser()
     if not root.exists():
         raise UsageError(f"{root}: data folder not found")
     if not root.is_dir():
         raise UsageError(f"{root}: --data must be a folder, this is a file")
-    root = root.resolve()  # recorded in checkpoints: later jobs may run from another directory
     notes: list[str] = []
+    root = _one_data_set(root.resolve(), notes)  # resolved: checkpoints record it, later jobs run from elsewhere
     folders = split_folders(root)
-    if not folders:
-        nested = [root / name for name in DATA_FOLDERS if (root / name).is_dir()]
-        if len(nested) > 1:
-            raise UsageError(f"{root}: holds both {nested[0].name}/ and {nested[1].name}/; point --data at one of them")
-        if nested:
-            root = nested[0]
-            folders = split_folders(root)
-    if "train" in folders:
+    if folders:
+        if "train" not in folders and require_train:
+            raise UsageError(f"{root}: found {', '.join(f.name for f in folders.values())} but no training split")
         files = {split: list_images(folder) for split, folder in folders.items()}
         notes.append("splits: " + ", ".join(f"{split}={folder.name}/ ({len(files[split])} files)"
                                             for split, folder in folders.items()))
     else:
+        nested = _deeper_split_folders(root)
+        if nested:  # train, validate and test must never be merged into one training set
+            names = ", ".join(str(folder.relative_to(root)) for folder in nested[:4])
+            raise UsageError(f"{root}: its split folders ({names}) are more than two levels down; point --data at "
+                             "the folder that holds them")
         files = {"train": list_images(root)}
-        if folders:
-            raise UsageError(f"{root}: found {', '.join(f.name for f in folders.values())} but no training split")
         notes.append(f"no split folders in {root}: using all its images for training")
-    if not files["train"]:
-        raise UsageError(f"{folders.get('train', root)}: no images found "
-                         f"(looked for {', '.join(NIFTI_SUFFIXES + PICTURE_SUFFIXES)})")
-    if not files.get("validate"):
-        if len(files["train"]) < 2:
-            raise UsageError(f"{root}: only one training image and no validation split; need at least two images")
+    for split, listed in files.items():
+        if not listed and (split == "train" or not require_train):
+            raise UsageError(f"{folders.get(split, root)}: no images found "
+                             f"(looked for {', '.join(NIFTI_SUFFIXES + PICTURE_SUFFIXES)})")
+    if not files.get("validate") and len(files.get("train", [])) >= 2:
         files["train"], files["validate"], note = _carve_validation(files["train"], val_fraction, root)
         notes.append(note)
     if not files.get("test"):
         files.pop("test", None)
         notes.append("no test split found: predict.py will evaluate on the validation split")
-    return DataSource(root, files, notes, carved="validate" not in folders)
+    return DataSource(root, {split: listed for split, listed in files.items() if listed}, notes,
+                      carved="validate" not in folders)
 
 
 # ----------------------------------------------------------------------------- decoding and caching
@@ -202,6 +272,7 @@ def _cache_key(files: Sequence[tuple[Path, str]], prep: Preprocessing, min_side:
         stat = path.stat()
         digest.update(f"{path.resolve()}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
+
 
 def _decode_files(files: Sequence[tuple[Path, str]], prep: Preprocessing, min_side: int, description: str,
                   keep: Callable[[np.ndarray], None]) -> tuple[list[str], list[str], list[str]]:
@@ -223,11 +294,13 @@ def _decode_files(files: Sequence[tuple[Path, str]], prep: Preprocessing, min_si
             labels.extend([label] * len(result))
     return sources, labels, skipped
 
+
 def _try_preprocess(path: Path, prep: Preprocessing, min_side: int):
     try:
         return preprocess_file(path, prep, min_side), None
     except BadFile as problem:
         return None, str(problem)
+
 
 def _report_skipped(split: str, skipped: list[str], total: int, log: Log) -> None:
     if not skipped:
@@ -238,12 +311,14 @@ def _report_skipped(split: str, skipped: list[str], total: int, log: Log) -> Non
     if len(skipped) > 10:
         log(f"  ... and {len(skipped) - 10} more")
 
+
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:
             np.save(handle, array)
 
     atomic_write(path, write)
+
 
 def _save_stacked(path: Path, slices: Sequence[np.ndarray]) -> None:
     """Write equal-shaped arrays as one .npy, one at a time: no second copy of the data set in memory."""
@@ -257,17 +332,19 @@ def _save_stacked(path: Path, slices: Sequence[np.ndarray]) -> None:
 
     atomic_write(path, write)
 
+
 def open_cached(path: Path) -> torch.Tensor:
     """A cached array as a tensor backed by the file (copy-on-write memory map): processes on one node share the
     pages of the operating system's file cache instead of holding a copy each."""
     return torch.from_numpy(np.load(path, mmap_mode="c"))
+
 
 def load_split(source: DataSource, split: str, prep: Preprocessing, cache_dir: str | Path, min_side: int = 1,
                log: Log = print) -> SliceSet:
     """Preprocessed slices of one split, decoded once into an on-disk uint8 cache and then memory-mapped.
 
     Of several processes asking at once (torchrun's ranks), one decodes while the others wait on a file lock."""
-    files = source.files[split]
+    files = source.split_files(split)
     cache_dir = Path(cache_dir)
     key = _cache_key(files, prep, min_side)
     images_path, index_path = cache_dir / f"{split}-{key}.npy", cache_dir / f"{split}-{key}.json"
@@ -281,6 +358,7 @@ def load_split(source: DataSource, split: str, prep: Preprocessing, cache_dir: s
     label_ids = [class_names.index(label) if label in class_names else -1 for label in index["labels"]]
     return SliceSet(open_cached(images_path), torch.tensor(label_ids, dtype=torch.long), index["sources"],
                     class_names, split, key)
+
 
 def _build_cache(source: DataSource, split: str, files: Sequence[tuple[Path, str]], prep: Preprocessing,
                  min_side: int, images_path: Path, index_path: Path, log: Log) -> None:
@@ -316,6 +394,7 @@ def _build_cache(source: DataSource, split: str, files: Sequence[tuple[Path, str
 
 def unit_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255)
+
 
 class BatchLoader:
     """Batches (data, labels) from tensors held in memory (on the GPU when they fit there).

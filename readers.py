@@ -41,6 +41,7 @@ class Preprocessing:
                 values[key] = tuple(values[key])
         return cls(**values)
 
+
 class BadFile(Exception):
     """One file that cannot be used; it is skipped, counted and reported."""
 
@@ -51,11 +52,13 @@ def unreadable(error: Exception) -> BadFile:
     """The skip message of a file its decoder failed on (the decoders raise many types for damaged files)."""
     return BadFile(f"cannot be read ({type(error).__name__}: {str(error).strip()[:120]})")
 
+
 def _scale_robust(array: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
     low, high = (float(value) for value in np.percentile(array, percentiles))  # Python floats keep float32 data
     if high <= low:  # most pixels share one value: fall back to the full range
         low, high = float(array.min()), float(array.max())
     return np.clip((array - low) / (high - low), 0, 1)
+
 
 def _read_nifti(path: Path, prep: Preprocessing) -> list[tuple[np.ndarray, bool]]:
     import nibabel as nib
@@ -77,6 +80,7 @@ def _read_nifti(path: Path, prep: Preprocessing) -> list[tuple[np.ndarray, bool]
         raise BadFile("is a 3D volume whose slices are all empty or constant")
     return kept
 
+
 def _read_picture(path: Path, prep: Preprocessing) -> list[tuple[np.ndarray, bool]]:
     from PIL import Image
 
@@ -87,6 +91,7 @@ def _read_picture(path: Path, prep: Preprocessing) -> list[tuple[np.ndarray, boo
             return [(np.repeat(array[..., None], 3, axis=-1) if prep.channels == 3 else array, False)]
         converted = image.convert("RGB" if prep.channels == 3 else "L")
         return [(np.asarray(converted, dtype=np.float32), True)]
+
 
 def read_slices(path: Path, prep: Preprocessing) -> list[np.ndarray]:
     """The 2D slices of one file as float32 [C, H, W] arrays in [0, 1], before resizing. Raises BadFile."""
@@ -113,6 +118,7 @@ def read_slices(path: Path, prep: Preprocessing) -> list[np.ndarray]:
         slices.append(scaled.astype(np.float32))
     return slices
 
+
 def _centre(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """[1, C, *S] zero-padded or cropped about its centre to [1, C, *shape] (negative padding crops)."""
     pads: list[int] = []
@@ -120,6 +126,7 @@ def _centre(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         missing = target - size
         pads += [missing // 2, missing - missing // 2]
     return F.pad(tensor, pads)
+
 
 def fit_to_shape(image: np.ndarray, shape: tuple[int, int], mode: str = "fit") -> np.ndarray:
     """Resize [C, H, W] to shape without distorting the aspect ratio: fit inside and pad, or cover and crop."""
@@ -136,6 +143,7 @@ def fit_to_shape(image: np.ndarray, shape: tuple[int, int], mode: str = "fit") -
             size = (max(size[0], target_h), max(size[1], target_w))
         tensor = F.interpolate(tensor, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)
     return _centre(tensor, shape)[0].clamp_(0, 1).numpy()
+
 
 def slice_shape(path: Path, slice_axis: int) -> tuple[int, int] | None:
     """The 2D shape of a file's slices from its header alone (None when unreadable)."""
@@ -155,6 +163,7 @@ def slice_shape(path: Path, slice_axis: int) -> tuple[int, int] | None:
             return image.height, image.width
     except Exception:
         return None
+
 
 def native_image_size(files: Sequence[tuple[Path, str]], multiple: int, slice_axis: int = 2,
                       spatial_dims: int = 2) -> tuple[int, ...]:
@@ -193,6 +202,7 @@ def _volume_header(path: Path):
     _canonical_axes(image.affine)  # a degenerate affine is refused before any data is read
     return image
 
+
 def _canonical_axes(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each stored axis, the canonical (RAS) axis it becomes, and the voxel spacing along each stored axis."""
     import nibabel as nib
@@ -203,6 +213,7 @@ def _canonical_axes(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     spacing = nib.affines.voxel_sizes(affine)
     spacing = np.where(np.isfinite(spacing) & (spacing > 0), spacing, 1.0)
     return orientation[:, 0].astype(int), spacing
+
 
 def volume_shape(path: Path) -> tuple[int, int, int] | None:
     """A volume's shape in voxels of its finest spacing, in canonical orientation, from its header alone (None when
@@ -215,6 +226,7 @@ def volume_shape(path: Path) -> tuple[int, int, int] | None:
     extent = np.zeros(3)
     extent[axes] = np.array(image.shape[:3]) * spacing
     return tuple(int(round(length)) for length in extent / spacing.min())
+
 
 def read_volume(path: Path, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
     """One volume as float32 [1, X, Y, Z] in [0, 1], turned to nibabel's closest canonical orientation (RAS+: the
@@ -234,6 +246,7 @@ def read_volume(path: Path, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray
     scaled = volume / 255.0 if image.get_data_dtype() == np.uint8 else _scale_robust(volume, prep.percentiles)
     return scaled[None].astype(np.float32), _canonical_axes(canonical.affine)[1]
 
+
 def fit_volume(volume: np.ndarray, spacing: Sequence[float], shape: Sequence[int], mode: str = "fit") -> np.ndarray:
     """Resample [C, X, Y, Z] to `shape` voxels, all of one size, so that nothing is stretched in physical space:
     the voxel size is the one at which the whole volume fits inside the shape ("fit", then zero-padded) or covers
@@ -250,6 +263,7 @@ def fit_volume(volume: np.ndarray, spacing: Sequence[float], shape: Sequence[int
     if size != grown:  # box-averaging: no aliasing where a volume shrinks
         tensor = F.interpolate(tensor, size=size, mode="area")
     return _centre(tensor, shape)[0].clamp_(0, 1).numpy()
+
 
 def _preprocess_volume(path: Path, prep: Preprocessing, min_side: int) -> np.ndarray:
     volume, spacing = read_volume(path, prep)

@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     resumed = None
     if args.resume:
         args, resumed = resume_settings(args, argv)
+    args.batch_size = utils.per_process_batch(args, utils.launched_world_size())
     utils.seed_everything(args.seed)
     device = utils.training_device(args.device)
     config = VQVAEConfig.from_dict(resumed["config"]) if resumed else build_config(args)
@@ -337,8 +338,9 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
         step_model = torch.compile(step_model)
     code_sizes = " and ".join(utils.shape_text(side // size for side in prep.image_size)
                               for size in reversed([config.scale * 2**level for level in range(config.levels)]))
+    say(f"{utils.describe_machine(device, precision, world)}; run {run_name}")
     say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, codes {code_sizes} from "
-        f"K={config.num_embeddings}, device {device} x {world} ({precision}); run {run_name}")
+        f"K={config.num_embeddings}; {utils.describe_batches(args.batch_size, world, len(train_loader), args.epochs)}")
 
     clock = utils.TrainingClock(args, args.epochs * len(train_loader), training["step"], training["elapsed"], device)
     rows = [row for row in read_rows(figures_dir / "metrics.csv") if int(row["step"]) <= clock.step] if resumed else []
@@ -373,7 +375,8 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
     while epoch <= args.epochs and not clock.out_of_steps:
         totals = train(epoch, train_loader, step_model, optimizer, clock, args, totals, precision,
                        on_checkpoint=lambda t, e=epoch: save_midway(t, e))
-        val = metrics.evaluate_vqvae(model, val_loader, ssim_weight=args.ssim_weight, precision=precision)
+        # In fp32 whatever the training precision: the number that picks the best checkpoint is predict.py's.
+        val = metrics.evaluate_vqvae(model, val_loader, ssim_weight=args.ssim_weight)
         summed = totals.synced()
         row = {"epoch": epoch, "step": clock.step, **summed.metrics(model.levels),
                **{f"val_{key}": value for key, value in val.items() if key not in ("ssim_per_image", "code_counts")},

@@ -124,6 +124,7 @@ def silent(*_args, **_kwargs) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = utils.absolute_paths(build_parser().parse_args(argv),
                                 ("model", "data", "cache_dir", "checkpoint_dir", "resources_dir"))
+    args.batch_size = utils.per_process_batch(args, utils.launched_world_size())
     utils.seed_everything(args.seed)
     device = utils.training_device(args.device)
     say = print if utils.launched_rank() == 0 else silent
@@ -143,7 +144,8 @@ def train_prior(args: argparse.Namespace, data: CodeData, device: torch.device, 
     configs = [config] + [replace(config, condition_embeddings=data.num_embeddings)] * (len(data.code_shapes) - 1)
     prior = build_prior(configs).to(device)
     optimizer = torch.optim.Adam(prior.parameters(), lr=args.lr)
-    step_prior = utils.wrap_distributed(PriorObjective(prior), device)  # every process starts from the first one's weights
+    # Every process starts from the first one's weights; DDP and compile wrap the loss as a forward pass.
+    step_prior = utils.wrap_distributed(PriorObjective(prior), device)
     if args.compile:
         step_prior = torch.compile(step_prior)
     precision = utils.resolve_precision(args.precision, device)
@@ -161,17 +163,19 @@ def train_prior(args: argparse.Namespace, data: CodeData, device: torch.device, 
     figures_dir = Path(args.resources_dir) / run_name
     uniform = math.log2(config.num_embeddings)
     shapes = " and ".join(f"{height}x{width}" for height, width in data.code_shapes)
+    say(utils.describe_machine(device, precision, world))
     say(f"prior: {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters over {shapes} code maps "
         f"({', '.join(prior.levels)}), "
-        f"{'conditioned on ' + str(config.num_classes) + ' classes' if data.conditional else 'unconditional'}, "
-        f"{device} x {world} ({precision}); uniform guessing costs {uniform:.2f} bits per code")
+        f"{'conditioned on ' + str(config.num_classes) + ' classes' if data.conditional else 'unconditional'}; "
+        f"uniform guessing costs {uniform:.2f} bits per code; "
+        f"{utils.describe_batches(args.batch_size, world, len(train_loader), args.epochs)}")
     clock = utils.TrainingClock(args, args.epochs * len(train_loader), device=device)
     rows: list[dict] = []
     best = {"val_bits_per_code": math.inf}
     for epoch in range(1, args.epochs + 1):
         train_bits = train_epoch(epoch, train_loader, step_prior, optimizer, clock, data.conditional,
                                  len(prior.levels), precision)
-        validation = metrics.evaluate_prior(prior, val_loader, log_prior, unlabelled, precision)
+        validation = metrics.evaluate_prior(prior, val_loader, log_prior, unlabelled)  # fp32, as predict.py's
         val_bits = validation["bits_per_code"]
         row = {"epoch": epoch, "train_bits_per_code": train_bits,
                **{f"val_{key}": value for key, value in validation.items()}, "seconds": clock.elapsed}

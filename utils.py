@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import inspect
 import itertools
 import math
 import os
@@ -23,6 +24,7 @@ import torch
 class UsageError(Exception):
     """A problem with the user's input (data, flags, checkpoint): printed as one line, exit code 2."""
 
+
 def run_cli(main: Callable[[], Any]) -> int:
     """Run a script's main(); a UsageError becomes one line on stderr and a non-zero exit, never a traceback."""
     sys.stdout.reconfigure(line_buffering=True)  # job logs show each line as it happens, even when redirected
@@ -35,6 +37,7 @@ def run_cli(main: Callable[[], Any]) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
 
 def progress_bar(iterable, **options):
     """A tqdm bar on terminals; silent in logs and CI, where redrawn bars are only noise."""
@@ -113,6 +116,7 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
 
+
 def rng_state(device: torch.device) -> dict:
     """Every random generator's state, in types that load with weights_only=True. Of the GPUs only the training
     device's generator is kept, so the state restores on a machine with fewer GPUs, or none."""
@@ -122,6 +126,7 @@ def rng_state(device: torch.device) -> dict:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
 
 def set_rng_state(state: dict, device: torch.device) -> None:
     """Restore rng_state(); a GPU state is restored only when training goes on on a GPU."""
@@ -142,20 +147,25 @@ def launched_world_size() -> int:
     """How many processes torchrun started (1 without torchrun); known before the process group exists."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
+
 def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
 
 def is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
+
 def world_size() -> int:
     return torch.distributed.get_world_size() if is_distributed() else 1
+
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over all processes (in place); a no-op in a single process."""
     if is_distributed():
         torch.distributed.all_reduce(tensor)
     return tensor
+
 
 def training_device(name: str = "auto") -> torch.device:
     """This process's device. Under torchrun each process takes the GPU of its LOCAL_RANK (or the CPU)."""
@@ -175,6 +185,7 @@ def training_device(name: str = "auto") -> torch.device:
     torch.cuda.set_device(device)
     return device
 
+
 def init_distributed(device: torch.device) -> None:
     """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); nothing without torchrun. Call it after the
     data caches are built, so that no collective waits through a long decode."""
@@ -182,15 +193,18 @@ def init_distributed(device: torch.device) -> None:
         cuda = device.type == "cuda"
         torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
 
+
 def close_distributed() -> None:
     if is_distributed():
         torch.distributed.destroy_process_group()
+
 
 def broadcast_module_state(module: torch.nn.Module) -> None:
     """Copy the first process's parameters and buffers to every process."""
     if is_distributed():
         for tensor in itertools.chain(module.parameters(), module.buffers()):
             torch.distributed.broadcast(tensor.data, src=0)
+
 
 def wrap_distributed(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel over torchrun's processes, or the model itself in one process.
@@ -201,20 +215,31 @@ def wrap_distributed(model: torch.nn.Module, device: torch.device) -> torch.nn.M
     if not is_distributed():
         return model
     broadcast_module_state(model)
+    # Newer torch names the option forward_sync_buffers (it also syncs at the start, which the broadcast did already).
+    options = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers": False}
     return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
 
 
 # ----------------------------------------------------------------------------- devices and precision
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.version.cuda and launched_rank() == 0:  # a CUDA wheel that finds no GPU: say so, do not go quiet
+            print(f"warning: this torch {torch.__version__} is built for CUDA {torch.version.cuda} but finds no usable "
+                  "GPU (a driver older than the wheel needs, or no GPU visible: check nvidia-smi and "
+                  "CUDA_VISIBLE_DEVICES); running on the CPU", file=sys.stderr)
+        return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name} was asked for, but CUDA is not available on this machine")
     return torch.device(name)
 
+
 PRECISIONS = ("auto", "bf16", "fp32")
+
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' is bf16 on GPUs with native bfloat16 (compute capability 8.0+: A100, H100, RTX 30xx and newer) and
@@ -225,6 +250,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     return "bf16" if native else "fp32"
+
+
+def describe_machine(device: torch.device, precision: str, processes: int = 1) -> str:
+    """What runs where, in one line: torch and CUDA versions, the device and its name, precision, processes."""
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA"
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return (f"torch {torch.__version__} ({cuda}), device {device}{name}, {precision}, "
+            f"{processes} process{'es' if processes > 1 else ''}")
+
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     """Mixed precision for the convolutions under `precision` ('bf16' or 'fp32'). bf16 keeps float32's range, so
@@ -239,7 +273,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, epochs: int, batch_size: 
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, default=epochs, help="passes over the training split")
     training.add_argument("--batch-size", type=int, default=batch_size,
-                          help="items per optimisation step (per process under torchrun)")
+                          help="items per optimisation step of each process (under torchrun the step takes this many "
+                          "from every process)")
+    training.add_argument("--global-batch-size", type=int, metavar="N",
+                          help="items per optimisation step over all processes, split evenly between them (instead of "
+                          "--batch-size): the same training on 1 GPU or 8, and kept when a run resumes on another "
+                          "number of them")
     training.add_argument("--lr", type=float, default=lr, help="peak Adam learning rate")
     training.add_argument("--lr-schedule", choices=("cosine", "constant"), default="constant",
                           help="cosine decays over the run (over --time-limit too, when that comes first)")
@@ -261,6 +300,23 @@ def add_run_arguments(parser: argparse.ArgumentParser, epochs: int, batch_size: 
     output.add_argument("--checkpoint-dir", default="checkpoints", help="where <run-name>.pth is written")
     output.add_argument("--resources-dir", default="resources", help="figures and metrics go to <dir>/<run-name>/")
 
+
+def per_process_batch(args: argparse.Namespace, processes: int) -> int:
+    """The batch each process takes: --global-batch-size split over the processes, else --batch-size."""
+    if not args.global_batch_size:
+        return args.batch_size
+    if args.global_batch_size % processes:
+        raise UsageError(f"--global-batch-size {args.global_batch_size} does not split evenly over {processes} "
+                         f"processes: use a multiple of {processes}")
+    return args.global_batch_size // processes
+
+
+def describe_batches(batch_size: int, processes: int, steps_per_epoch: int, epochs: int) -> str:
+    """The batch and step counts a run will make, as the log's start states them."""
+    return (f"global batch {batch_size * processes} ({processes} process{'es' if processes > 1 else ''} x "
+            f"{batch_size}), {steps_per_epoch} steps per epoch, {steps_per_epoch * epochs} in {epochs} epochs")
+
+
 def absolute_paths(args: argparse.Namespace, names: Sequence[str]) -> argparse.Namespace:
     """Make these path options absolute: checkpoints record them, and later jobs may run from another directory."""
     for name in names:
@@ -269,7 +325,9 @@ def absolute_paths(args: argparse.Namespace, names: Sequence[str]) -> argparse.N
             setattr(args, name, str(Path(value).expanduser().absolute()))
     return args
 
+
 STOP_CHECK_EVERY = 10  # steps between the processes' agreements on the time limit
+
 
 class TrainingClock:
     """Wall-clock budget and learning-rate schedule, both measured as progress through the run in [0, 1].
@@ -318,9 +376,11 @@ class TrainingClock:
         flag = torch.tensor(float(self.out_of_time), device=self.device)  # NCCL reduces only GPU tensors
         return bool(all_reduce_sum(flag).item() > 0)
 
+
 def shape_text(shape: Iterable[int]) -> str:
     """A shape as people write it: 256x128, 32x32x32."""
     return "x".join(str(side) for side in shape)
+
 
 def items_name(spatial_dims: int) -> str:
     """What the items of a data set are called in messages and figures."""
@@ -334,7 +394,9 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
+
 _DEFAULT_FILE_MODE = 0o666 & ~_umask()  # what open() would have given the file; read once, at import
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) and move the result onto path in one step: a killed run never leaves half a file."""
@@ -353,12 +415,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             os.remove(tmp_path)
         raise
 
+
 def remove_stale_temporaries(path: str | os.PathLike) -> None:
     """Delete what atomic_write left of `path` in a run that was killed while writing it. Only the process that
     owns the file (holding its lock, or the only one writing it) may call this."""
     path = Path(path)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
+
 
 @contextmanager
 def file_lock(path: str | os.PathLike, log: Callable[[str], None] | None = None) -> Iterator[None]:
@@ -394,12 +458,14 @@ def file_lock(path: str | os.PathLike, log: Callable[[str], None] | None = None)
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
+
 def warn(log: Callable[[str], None] | None, message: str) -> None:
     if log is not None:
         log(message)
 
 
-def build_once(ready: Callable[[], bool], build: Callable[[], None], outputs: Sequence[Path], log: Callable[[str], None]) -> bool:
+def build_once(ready: Callable[[], bool], build: Callable[[], None], outputs: Sequence[Path],
+               log: Callable[[str], None]) -> bool:
     """Build a cache unless it is complete already, one process at a time: the others wait on a file lock and then
     find it complete. Leftovers of a build that was killed are removed first. True when this process built it."""
     if ready():
@@ -418,6 +484,7 @@ def write_json(path: str | os.PathLike, values: dict) -> None:
 
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(values, indent=2)))
 
+
 def write_csv_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     """Write all rows of a metrics table at once, atomically (a killed run never leaves a torn line)."""
     fields = list(dict.fromkeys(key for row in rows for key in row))
@@ -429,6 +496,7 @@ def write_csv_rows(path: str | os.PathLike, rows: list[dict]) -> None:
             writer.writerows(rows)
 
     atomic_write(path, write)
+
 
 def read_csv_rows(path: str | os.PathLike) -> list[dict]:
     with open(path, newline="") as handle:

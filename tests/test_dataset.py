@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-import metrics
 import checkpoints
 import dataset
 import demo
+import metrics
 import readers
-from conftest import make_classes, make_hipmri, phantom_uint8, write_nifti, write_png
+from conftest import make_classes, make_hipmri, make_oasis, phantom_uint8, write_nifti, write_png
 from dataset import BatchLoader, find_data, load_split
 from readers import Preprocessing, fit_to_shape, read_slices
 from utils import UsageError
@@ -68,6 +68,69 @@ def test_a_plain_folder_of_images_is_used_for_training(tmp_path: Path):
 
 
 # ----------------------------------------------------------------------------- readers and preprocessing
+
+def test_the_folder_an_archive_was_unpacked_to_finds_its_one_data_set(tmp_path: Path):
+    """The HipMRI archive unpacks to HipMRI_study_keras_slices_data/ (one level down), OASIS may sit two levels
+    down; the Mac resource forks and dot-folders beside them are never read."""
+    hipmri = tmp_path / "downloads" / "HipMRI_study" / "HipMRI_study_keras_slices_data"
+    make_hipmri(tmp_path / "downloads" / "HipMRI_study").rename(hipmri)  # made as keras_slices_data/
+    mac = tmp_path / "downloads" / "HipMRI_study" / "__MACOSX" / "HipMRI_study_keras_slices_data"
+    (mac / "keras_slices_train").mkdir(parents=True)
+    (mac / "keras_slices_train" / "._case_000_week_0_slice_0.nii.gz").write_bytes(b"\x00\x05\x16\x07")
+    write_png(hipmri / "keras_slices_train" / ".ipynb_checkpoints" / "stray.png", phantom_uint8(5))
+    for folder in (tmp_path / "downloads" / "HipMRI_study", tmp_path / "downloads"):
+        source = find_data(folder)
+        assert source.root == hipmri.resolve()
+        assert {split: len(files) for split, files in source.files.items()} == {"train": 12, "validate": 4, "test": 4}
+        assert all(path.parent.name == "keras_slices_train" for path, _ in source.files["train"])
+        assert any("data set found in" in note for note in source.notes)
+    oasis = make_oasis(tmp_path / "o" / "archive")
+    assert find_data(tmp_path / "o").root == oasis.resolve()
+
+
+def test_a_folder_holding_several_data_sets_is_refused_naming_them(tmp_path: Path):
+    make_hipmri(tmp_path / "data")
+    make_oasis(tmp_path / "data")
+    with pytest.raises(UsageError, match="holds 2 data sets .*keras_png_slices_data/, keras_slices_data/"):
+        find_data(tmp_path / "data")
+
+
+def test_split_folders_deeper_than_two_levels_are_never_merged_into_one_training_set(tmp_path: Path):
+    make_hipmri(tmp_path / "a" / "b")  # .../a/b/keras_slices_data/keras_slices_{train,validate,test}: 3 down
+    with pytest.raises(UsageError, match="more than two levels down"):
+        find_data(tmp_path)
+
+
+def test_a_case_unzipped_into_a_folder_of_its_name_is_that_file_not_a_class(tmp_path: Path):
+    """Some unzip tools leave case_x.nii.gz as case_x.nii/case_x.nii: no class per slice, cases still grouped."""
+    for case in range(5):
+        for index in range(4):
+            name = f"case_{case:03d}_week_0_slice_{index}.nii"
+            write_nifti(tmp_path / "train" / name / name, demo.make_phantom(case, index / 4, (32, 16)))
+    source = find_data(tmp_path, val_fraction=0.2)
+    assert source.class_names == [] and {label for _, label in source.files["train"]} == {""}
+    held_out = {path.name.split("_slice")[0] for path, _ in source.files["validate"]}
+    trained = {path.name.split("_slice")[0] for path, _ in source.files["train"]}
+    assert len(source.files["validate"]) == 4 and len(held_out) == 1 and not held_out & trained
+    slices = load_split(source, "train", PREP, tmp_path / "cache", log=quiet)
+    assert len(slices) == 16 and bool((slices.labels == -1).all())
+
+
+def test_a_test_split_is_evaluated_without_a_train_split_to_carve(tmp_path: Path):
+    write_nifti(tmp_path / "train" / "case_000.nii.gz", demo.make_phantom(0, 0.5, (32, 16)))
+    for index in range(3):
+        write_nifti(tmp_path / "test" / f"case_{index + 1:03d}.nii.gz", demo.make_phantom(index, 0.5, (32, 16)))
+    source = find_data(tmp_path, require_train=False)
+    assert len(source.split_files("test")) == 3 and "validate" not in source.files
+    with pytest.raises(UsageError, match="only one training image and no validation split"):
+        source.split_files("validate")
+    only_test = tmp_path / "only_test"
+    only_test.mkdir()
+    (tmp_path / "test").rename(only_test / "test")
+    assert len(find_data(only_test, require_train=False).split_files("test")) == 3
+    with pytest.raises(UsageError, match="no training split"):
+        find_data(only_test)
+
 
 def test_float_nifti_is_scaled_robustly_to_unit_range(tmp_path: Path):
     image = np.random.default_rng(0).normal(1000, 300, (40, 20)).astype(np.float32)

@@ -52,6 +52,20 @@ def test_train_then_predict(layout: str, request, tmp_path: Path):
         assert (tmp_path / "res" / "tiny" / name).exists()
 
 
+def test_predict_evaluates_a_test_split_beside_a_train_split_too_small_to_carve(hipmri_dir: Path, tmp_path: Path):
+    from conftest import write_nifti
+    from demo import make_phantom
+
+    result = train.main(train_args(tmp_path, hipmri_dir, "--max-steps", "1"))
+    other = tmp_path / "other"
+    write_nifti(other / "train" / "case_000.nii.gz", make_phantom(0, 0.5, (32, 16)))
+    for index in range(3):
+        write_nifti(other / "test" / f"case_{index + 1:03d}.nii.gz", make_phantom(index, 0.5, (32, 16)))
+    report = predict.main(["-m", result["checkpoint"], "--data", str(other), "--cache-dir", str(tmp_path / "cache"),
+                           "--resources-dir", str(tmp_path / "res")])
+    assert report["split"] == "test" and report["num_images"] == 3
+
+
 def test_native_hipmri_shape_256x128_trains(tmp_path: Path):
     from conftest import make_hipmri
 

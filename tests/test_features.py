@@ -62,9 +62,12 @@ def test_features_file_holds_every_slice_and_every_set_has_its_documented_size(v
         assert Path(path).parent.name == list(saved["class_names"])[label]
 
 
-def test_probe_learns_a_trivially_separable_set(vqvae_and_data, tmp_path: Path):
+def test_probe_learns_a_trivially_separable_set(vqvae_and_data, tmp_path: Path, monkeypatch):
     checkpoint, _ = vqvae_and_data
     metrics = tmp_path / "probe.json"
+    fits = []
+    fit = extract_features.probe_accuracy
+    monkeypatch.setattr(extract_features, "probe_accuracy", lambda *args: fits.append(len(args[0])) or fit(*args))
     results = extract_features.main(["-m", checkpoint, "--out", str(tmp_path / "f.npz"), "--probe",
                                      "--fractions", "20", "100", "--seeds", "2", "--features", "grid", "bag+pooled",
                                      "--metrics-json", str(metrics), "--cache-dir", str(tmp_path / "cache"),
@@ -75,6 +78,8 @@ def test_probe_learns_a_trivially_separable_set(vqvae_and_data, tmp_path: Path):
     assert results["accuracy_bag+pooled_20"] >= 0.75 and "accuracy_bag+pooled_20_std" in results
     assert {"margin_20", "margin_20_std", "accuracy_features_20_std"} <= set(results)
     assert (tmp_path / Path(checkpoint).stem / "probe.png").exists()
+    every_label = max(fits)  # four probes (two sets, two pixel baselines): 20% twice each, 100% once each
+    assert len(fits) == 4 * 2 + 4 and fits.count(every_label) == 4 and results["accuracy_grid_100_std"] == 0
 
 
 def test_label_draws_change_with_the_seed_and_repeat_with_it():

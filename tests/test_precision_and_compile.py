@@ -44,11 +44,42 @@ def test_bf16_training_learns(hipmri_dir: Path, tmp_path: Path):
     assert float(rows[-1]["train_recon_loss"]) < float(rows[0]["train_recon_loss"])
 
 
-@pytest.mark.parametrize("levels", ["1", "2"])
-def test_compiled_training_runs_as_one_graph(levels: str, hipmri_dir: Path, tmp_path: Path):
+def test_the_best_checkpoint_is_chosen_on_the_fp32_number_predict_reports(hipmri_dir: Path, tmp_path: Path):
+    """Trained in bf16, validated in fp32: the SSIM and NLL that chose the checkpoints are the ones predict.py reads."""
+    import predict
+    import train_prior
+    from test_prior import prior_args
+
+    result = train.main(train_args(tmp_path, hipmri_dir.parent, "--precision", "bf16", "--epochs", "5", "--lr", "3e-3"))
+    common = ["--split", "validate", "--cache-dir", str(tmp_path / "cache"), "--resources-dir", str(tmp_path / "res")]
+    report = predict.main(["-m", result["checkpoint"], *common])
+    assert float(result["best"]["val_ssim"]) == pytest.approx(report["ssim_mean"], abs=1e-6)
+    prior = train_prior.main(prior_args(tmp_path, result["checkpoint"], "--precision", "bf16", "--max-steps", "2"))
+    prior_report = predict.main(["-m", prior["checkpoint"], *common])
+    assert prior["best"]["val_bits_per_code"] == pytest.approx(prior_report["nll_bits_per_code"], abs=1e-5)
+
+
+def test_compiled_two_level_training_runs_as_one_graph(hipmri_dir: Path, tmp_path: Path):
+    """(One level: tests/test_cuda.py, over two epochs without a recompile, on the CPU and on a GPU.)"""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    result = train.main(train_args(tmp_path, hipmri_dir.parent, "--compile", "--max-steps", "2", "--levels", levels))
+    result = train.main(train_args(tmp_path, hipmri_dir.parent, "--compile", "--max-steps", "2", "--levels", "2"))
     assert checkpoints.load_checkpoint(result["last_checkpoint"])["training"]["step"] == 2
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step really was compiled
     assert not torch._dynamo.utils.counters["graph_break"]  # a break would split the GPU step into several graphs
+
+
+def test_a_cuda_build_that_finds_no_gpu_warns_instead_of_a_quiet_cpu_run(monkeypatch, capsys):
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert utils.pick_device("auto") == torch.device("cpu")
+    warning = capsys.readouterr().err
+    assert warning.startswith("warning:") and "CUDA 12.4 but finds no usable GPU" in warning
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build: nothing to warn about
+    assert utils.pick_device("auto") == torch.device("cpu") and capsys.readouterr().err == ""
+
+
+def test_the_start_of_a_run_says_what_runs_where(hipmri_dir: Path, tmp_path: Path, capsys):
+    train.main(train_args(tmp_path, hipmri_dir, "--max-steps", "1", "--device", "cpu"))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("torch "))
+    assert f"torch {torch.__version__}" in line and "device cpu, fp32, 1 process" in line

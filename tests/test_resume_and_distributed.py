@@ -192,6 +192,31 @@ def test_ddp_keeps_one_model_and_codebook_buffers_included(tmp_path: Path):
     assert spawn(ddp_worker, tmp_path) == {0: [], 1: []}
 
 
+def compiled_ddp_worker(rank: int, store_file: str, results) -> None:
+    """torch.compile over DDP: the quantizer's all-reduce and rank checks run inside the compiled forward."""
+    join_gloo(rank, store_file)
+    torch.manual_seed(rank)
+    model = VQVAE(VQVAEConfig(hidden_channels=16, residual_channels=8, num_residual_layers=1, num_embeddings=16,
+                              embedding_dim=4))
+    model.quantizer.initialise(torch.randn(64, 4) + 3 * rank, kmeans_iterations=3)
+    step_model = torch.compile(utils.wrap_distributed(model, torch.device("cpu")))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images = torch.Generator().manual_seed(10 + rank)  # each rank its own batches: only the all-reduce aligns them
+    before = model.quantizer.embedding.detach().clone()
+    for _ in range(3):
+        reconstruction, _, vq_loss = step_model(torch.rand(2, 1, 16, 16, generator=images))
+        optimizer.zero_grad()
+        (reconstruction.pow(2).mean() + vq_loss).backward()
+        optimizer.step()
+    results[rank] = ([name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+                      if not same_on_both(tensor)], not torch.equal(before, model.quantizer.embedding))
+    torch.distributed.destroy_process_group()
+
+
+def test_compiled_ddp_keeps_identical_weights_and_codebooks(tmp_path: Path):
+    assert spawn(compiled_ddp_worker, tmp_path) == {0: ([], True), 1: ([], True)}
+
+
 def totals_worker(rank: int, store_file: str, results) -> None:
     join_gloo(rank, store_file)
     totals = train.EpochTotals(torch.tensor([1.0 + rank, 0.5]), torch.tensor([[rank, 2.0, 0.0]]), batches=3, items=12)
@@ -231,12 +256,27 @@ def test_torchrun_with_gloo_trains_and_writes_one_checkpoint(tmp_path: Path):
     assert "time limit of 0s reached" in result.stdout
 
 
+def test_a_global_batch_is_split_over_the_processes_and_the_log_says_the_steps_made(tmp_path: Path, monkeypatch):
+    data = make_hipmri(tmp_path, counts=(16, 2, 0))
+    options = train_args(tmp_path, data, *CPU, "--epochs", "2", "--global-batch-size", "8")
+    result = torchrun("train.py", options, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "global batch 8 (2 processes x 4), 2 steps per epoch, 4 in 2 epochs" in result.stdout
+    saved = checkpoints.load_checkpoint(tmp_path / "ck" / "tiny-last.pth")
+    assert saved["training"]["step"] == 4 and saved["args"]["batch_size"] == 4
+    one = train.main(train_args(tmp_path / "one", data, *CPU, "--epochs", "2", "--global-batch-size", "8"))
+    assert checkpoints.load_checkpoint(one["last_checkpoint"])["training"]["step"] == 4  # one process, batch 8
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(utils.UsageError, match="--global-batch-size 8 does not split evenly over 3 processes"):
+        train.main(options)
+
+
 def test_torchrun_trains_one_prior(tmp_path: Path):
     data = make_classes(tmp_path / "data", classes=("alpha", "beta"), per_class=6)
     vqvae = train.main(train_args(tmp_path, data, "--run-name", "vq", "--max-steps", "2"))["checkpoint"]
     result = torchrun("train_prior.py", prior_args(tmp_path, vqvae, *CPU, "--epochs", "2"), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("best validation NLL") == 1 and "cpu x 2" in result.stdout
+    assert result.stdout.count("best validation NLL") == 1 and "device cpu, fp32, 2 processes" in result.stdout
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["pr.pth", "vq-last.pth", "vq.pth"]
     assert checkpoints.load_checkpoint(tmp_path / "ck" / "pr.pth", expected_kind="prior")["epoch"] >= 1
 
