@@ -157,11 +157,14 @@ def prior_report(bits_per_level: Sequence[float], positions: Sequence[int], maps
 @torch.no_grad()
 def evaluate_prior(prior: torch.nn.Module, loader, log_prior: Sequence[float] | None = None,
                    unlabelled=None, precision: str = "fp32") -> dict:
-    """A split's negative log-likelihood under a prior, over all processes (see prior_report for the keys).
+    """A split's negative log-likelihood under a prior, over all processes (see prior_report for the keys); for a
+    masked-token prior, which has none, its masked-code cross-entropy (evaluate_masked_prior).
 
     Batches hold stacked code maps (stack_levels). For a class-conditional prior (log_prior = log p(class) given)
     the maps of `loader` are scored under their label, and those of `unlabelled` (maps with no class folder) under
     the class mixture (mixture_level_bits)."""
+    if hasattr(prior, "evaluation_bits"):
+        return evaluate_masked_prior(prior, loader, log_prior, unlabelled, precision)
     prior.eval()
     device, names = loader.device, prior.levels
     totals, count = torch.zeros(len(names), device=device), 0
@@ -180,3 +183,23 @@ def evaluate_prior(prior: torch.nn.Module, loader, log_prior: Sequence[float] | 
     return prior_report(summed[:-1], level_positions(loader.data, len(names)), summed[-1], names)
 
 
+
+
+@torch.no_grad()
+def evaluate_masked_prior(prior: torch.nn.Module, loader, log_prior: Sequence[float] | None = None,
+                          unlabelled=None, precision: str = "fp32") -> dict:
+    """A masked-token prior's score over a split: the bits of masked codes given the rest, at the prior's fixed mask
+    ratios, with masks drawn from a fixed seed (the same every epoch, so scores compare). Maps without a class
+    folder are scored under the "no class" token. Key: masked_bits_per_code."""
+    prior.eval()
+    device = loader.device
+    generator = torch.Generator(device=device).manual_seed(0)
+    total, count = torch.zeros((), device=device), 0
+    for source in (loader, unlabelled):
+        for codes, labels in progress_bar(source or [], desc="prior masked bits", unit="batch"):
+            with autocast(device, precision):
+                bits = prior.evaluation_bits(codes, None if log_prior is None else labels, generator)
+            total += bits.sum()
+            count += len(labels)
+    summed, maps = all_reduce_sum(torch.stack([total, total.new_tensor(float(count))])).tolist()
+    return {"masked_bits_per_code": summed / max(maps, 1.0)}

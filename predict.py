@@ -3,6 +3,7 @@
     python predict.py -m checkpoints/<run>.pth [--data DIR] [--metrics-json metrics.json]
     python predict.py -m checkpoints/<run>.pth --data scan.nii.gz          # any file, or folder of files
     python predict.py -m checkpoints/<run>-prior.pth --sample 16 [--temperature 1.0] [--label CLASS]
+    python predict.py -m checkpoints/<run>-prior.pth --sample 1000 --save-samples samples/   # a data set to keep
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import checkpoints
@@ -21,7 +23,9 @@ import utils
 from checkpoints import checkpoint_data, evaluation_data
 from codes import encode_split, prior_evaluation_loaders
 from dataset import BatchLoader, load_split
-from readers import Preprocessing
+from modules import weights_fingerprint
+from priors import prior_configs
+from readers import NIFTI_SUFFIXES, Preprocessing, write_image
 from sampling import stack_levels
 from utils import UsageError
 
@@ -37,13 +41,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics-json", help="also write the metrics to this JSON file")
     parser.add_argument("--examples", type=int, help="slices (default 8) or volumes (default 3, each in three "
                         "planes) shown in the reconstruction figure")
-    parser.add_argument("--batch-size", type=int, default=64, help="slices per forward pass")
+    parser.add_argument("--batch-size", type=int, default=64, help="slices per forward pass, and samples drawn at once")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--cache-dir", default=".cache/slices", help="where decoded slices and code maps are cached")
     parser.add_argument("--resources-dir", default="resources", help="figures go to <resources-dir>/<checkpoint>/")
     sampling = parser.add_argument_group("prior checkpoints")
     sampling.add_argument("--sample", type=int, default=0, metavar="N", help="generate N new slices")
     sampling.add_argument("--temperature", type=float, default=1.0, help="below 1: safer, less varied samples")
+    sampling.add_argument("--top-k", type=int, default=0, help="draw each code among the k likeliest only; 0 = all")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="draw each code among the likeliest whose "
+                          "probabilities sum to p (nucleus sampling); 1 = all")
+    sampling.add_argument("--steps", type=int, default=12, help="masked prior: parallel steps that fill a map")
+    sampling.add_argument("--save-samples", metavar="DIR", help="write each sample as its own file, "
+                          "DIR/<class>/sample_00001.png (.nii.gz for models trained on NIfTI), their code maps in "
+                          "DIR/codes.npz and how they were drawn in DIR/samples.json: a data set --data can read")
     sampling.add_argument("--seed", type=int, default=0, help="seeds the sampling")
     sampling.add_argument("--label", help="class to generate (conditional priors); default: cycle through classes")
     sampling.add_argument("--vqvae", help="the prior's VQ-VAE checkpoint, if it has moved since training")
@@ -136,21 +147,75 @@ def nearest_slices(samples: torch.Tensor, slices) -> torch.Tensor:
     return slices.as_float(nearest)
 
 
+def drawing_options(args: argparse.Namespace, checkpoint: dict) -> dict:
+    """How each code is drawn besides the temperature, as the prior's sample() takes it."""
+    options = {"top_k": args.top_k, "top_p": args.top_p}
+    if prior_configs(checkpoint["config"])[0].KIND == "masked":
+        options["steps"] = args.steps
+    return options
+
+
+class SampleWriter:
+    """Each sample as its own image file under a new folder, DIR/<class>/sample_00001.png (uint8 .nii.gz for models
+    trained on NIfTI; straight in DIR for an unconditional prior), each written whole; their code maps and how they
+    were drawn are written last, so a folder without samples.json is one whose run did not finish."""
+
+    def __init__(self, folder: str, nifti: bool, class_names: list[str]):
+        self.folder, self.nifti, self.class_names = Path(folder), nifti, class_names
+        if self.folder.exists() and any(self.folder.iterdir()):
+            raise UsageError(f"--save-samples {folder}: the folder is not empty; name a new one (samples of two runs "
+                             "would mix)")
+        self.files: list[str] = []
+
+    def write(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+        for image, label in zip(images, labels.tolist() if labels is not None else [None] * len(images)):
+            name = f"sample_{len(self.files) + 1:05d}{'.nii.gz' if self.nifti else '.png'}"
+            relative = Path(self.class_names[label]) / name if label is not None else Path(name)
+            write_image(self.folder / relative, image)
+            self.files.append(str(relative))
+
+    def finish(self, codes: list[torch.Tensor], labels: torch.Tensor | None, drawn: dict) -> None:
+        arrays = {f"level{index}": level.numpy() for index, level in enumerate(codes)}
+        arrays.update(files=np.array(self.files), labels=(labels.cpu() if labels is not None
+                                                          else torch.full((len(self.files),), -1)).numpy())
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)
+
+        utils.atomic_write(self.folder / "codes.npz", write)
+        utils.write_json(self.folder / "samples.json", {**drawn, "count": len(self.files),
+                                                        "class_names": self.class_names})
+
+
 def generate(args: argparse.Namespace, prior, checkpoint: dict, vqvae, device: torch.device,
-             ) -> tuple[list[torch.Tensor], torch.Tensor, float]:
-    """(code maps per level, decoded slices, seconds the sampling took)."""
+             writer: SampleWriter | None = None, kept: int = 64) -> tuple[list[torch.Tensor], torch.Tensor, float]:
+    """Draw --sample code maps, --batch-size at a time, decode each batch and hand it to the writer; returns every
+    code map per level (int16, on the CPU), the first `kept` images, and the seconds the sampling itself took."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
     labels = sample_labels(args, checkpoint, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    codes = prior.sample_levels(args.sample, code_shapes(checkpoint), labels, args.temperature, generator)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    with torch.inference_mode():
-        images = vqvae.decode_code_maps(codes).float().clamp(0, 1)
-    return codes, images, seconds
+    drawing = drawing_options(args, checkpoint)
+    codes: list[list[torch.Tensor]] = []
+    images, seconds = [], 0.0
+    for start in utils.progress_bar(range(0, args.sample, args.batch_size), desc="sampling", unit="batch"):
+        count = min(args.batch_size, args.sample - start)
+        batch_labels = None if labels is None else labels[start: start + count]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        batch = prior.sample_levels(count, code_shapes(checkpoint), batch_labels, args.temperature, generator,
+                                    **drawing)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - began
+        with torch.inference_mode():
+            decoded = vqvae.decode_code_maps(batch).float().clamp(0, 1)
+        if writer is not None:
+            writer.write(decoded, batch_labels)
+        codes.append([level.to("cpu", torch.int16) for level in batch])
+        if start < kept:
+            images.append(decoded[: kept - start].cpu())
+    return [torch.cat(level) for level in zip(*codes)], torch.cat(images), seconds
 
 
 def code_shapes(checkpoint: dict) -> list[list[int]]:
@@ -173,29 +238,54 @@ def predict_prior(args: argparse.Namespace, device: torch.device, checkpoint: di
     uniform = math.log2(vqvae.config.num_embeddings)
     report = {f"nll_{key}": value for key, value in nll.items()}
     report.update({"uniform_bits_per_code": uniform, "num_images": len(slices), "split": split})
-    per_level = metrics.format_level_bits(nll, prior.levels)
-    print(f"{split} split, {len(slices)} code maps: NLL {nll['bits_per_code']:.3f} bits per code "
-          f"({nll['bits_per_code'] / uniform:.0%} of the {uniform:.2f} bits of uniform guessing{per_level}), "
-          f"{nll['bits_per_image']:.0f} bits per image")
+    if "masked_bits_per_code" in nll:  # a masked-token prior has no likelihood
+        print(f"{split} split, {len(slices)} code maps: {nll['masked_bits_per_code']:.3f} bits per masked code (mask "
+              f"ratios {', '.join(map(str, prior.EVALUATION_RATIOS))}; uniform guessing: {uniform:.2f})")
+    else:
+        per_level = metrics.format_level_bits(nll, prior.levels)
+        print(f"{split} split, {len(slices)} code maps: NLL {nll['bits_per_code']:.3f} bits per code "
+              f"({nll['bits_per_code'] / uniform:.0%} of the {uniform:.2f} bits of uniform guessing{per_level}), "
+              f"{nll['bits_per_image']:.0f} bits per image")
     figures_dir = Path(args.resources_dir) / Path(args.model).stem
     if args.sample > 0:
-        sampled_codes, images, seconds = generate(args, prior, checkpoint, vqvae, device)
-        report["sample_seconds"] = seconds
-        shapes = " and ".join(f"{height}x{width}" for height, width in code_shapes(checkpoint))
-        print(f"sampled {args.sample} code maps of {shapes} in {seconds:.2f}s on {device}")
-        train_slices = load_split(source, "train", prep, args.cache_dir, min_side=vqvae.config.image_multiple)
-        figures.save_image_grid(figures_dir / "samples.png", images, title=f"{args.sample} generated slices "
-                              f"(temperature {args.temperature:g}, seed {args.seed})")
-        shown = slice(0, min(8, args.sample))
-        maps = figures.code_columns(vqvae, [level[shown] for level in sampled_codes])
-        figures.save_image_rows(figures_dir / "samples_with_nearest.png",
-                              {"generated": images[shown], **maps,
-                               "nearest training slice": nearest_slices(images[shown], train_slices)},
-                              code_colours=figures.model_code_colours(vqvae, list(maps)))
-        print(f"figures in {figures_dir}/")
+        sample(args, prior, checkpoint, vqvae, device, source, prep, figures_dir, report)
     if args.metrics_json:
         utils.write_json(args.metrics_json, report)
     return report
+
+
+def sample(args: argparse.Namespace, prior, checkpoint: dict, vqvae, device: torch.device, source, prep,
+           figures_dir: Path, report: dict) -> None:
+    """Draw --sample slices; figures of them beside their nearest training slices; with --save-samples, files."""
+    nifti = sum(path.name.lower().endswith(NIFTI_SUFFIXES) for path, _ in source.files["train"]) * 2 > \
+        len(source.files["train"])
+    writer = SampleWriter(args.save_samples, nifti, checkpoint["class_names"] if checkpoint["conditional"] else []) \
+        if args.save_samples else None
+    codes, images, seconds = generate(args, prior, checkpoint, vqvae, device, writer)
+    report["sample_seconds"] = seconds
+    shapes = " and ".join(f"{height}x{width}" for height, width in code_shapes(checkpoint))
+    print(f"sampled {args.sample} code maps of {shapes} in {seconds:.2f}s on {device}")
+    if writer is not None:
+        drawn = {"prior": str(Path(args.model).resolve()), "prior_fingerprint": weights_fingerprint(prior),
+                 "prior_kind": prior_configs(checkpoint["config"])[0].KIND, "vqvae": checkpoint["vqvae"],
+                 "temperature": args.temperature, **drawing_options(args, checkpoint), "seed": args.seed,
+                 "batch_size": args.batch_size, "device": str(device), "label": args.label,
+                 "image_size": list(prep.image_size), "format": "nii.gz" if nifti else "png",
+                 "sample_seconds": seconds, "torch": torch.__version__}
+        writer.finish(codes, sample_labels(args, checkpoint, torch.device("cpu")), drawn)
+        print(f"wrote {args.sample} samples to {args.save_samples}/ (a data set: --data {args.save_samples})")
+    train_slices = load_split(source, "train", prep, args.cache_dir, min_side=vqvae.config.image_multiple)
+    options = drawing_options(args, checkpoint)
+    drawing = ", ".join(f"{key.replace('_', '-')} {value:g}" for key, value in options.items())
+    figures.save_image_grid(figures_dir / "samples.png", images, title=f"{len(images)} of {args.sample} generated "
+                            f"slices (temperature {args.temperature:g}, {drawing}, seed {args.seed})")
+    shown = slice(0, min(8, args.sample))
+    maps = figures.code_columns(vqvae, [level[shown].long().to(device) for level in codes])
+    figures.save_image_rows(figures_dir / "samples_with_nearest.png",
+                            {"generated": images[shown], **maps,
+                             "nearest training slice": nearest_slices(images[shown], train_slices)},
+                            code_colours=figures.model_code_colours(vqvae, list(maps)))
+    print(f"figures in {figures_dir}/")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ import torch.nn as nn
 
 from pixelcnn import GatedPixelCNN, PixelCNNConfig
 from sampling import CodePrior, bits_per_code, level_loss
+from transformer import MaskedConfig, MaskedPrior, TransformerConfig, TransformerPrior
 
 # kind -> (config dataclass, model): what train_prior.py --prior builds, and what a checkpoint's "kind" rebuilds.
-PRIOR_KINDS: dict[str, tuple[type, type]] = {"pixelcnn": (PixelCNNConfig, GatedPixelCNN)}
+PRIOR_KINDS: dict[str, tuple[type, type]] = {"pixelcnn": (PixelCNNConfig, GatedPixelCNN),
+                                             "transformer": (TransformerConfig, TransformerPrior),
+                                             "masked": (MaskedConfig, MaskedPrior)}
 
 
 class HierarchicalPrior(nn.Module):
@@ -21,6 +24,7 @@ class HierarchicalPrior(nn.Module):
     forward([top, bottom], labels) -> [top logits, bottom logits]; the level-generic methods are CodePrior's."""
 
     levels = ("top", "bottom")
+    score = "bits_per_code"
 
     def __init__(self, top: CodePrior, bottom: CodePrior):
         super().__init__()

@@ -3,6 +3,7 @@ fitting them to the network's shape without distortion. A file that cannot be us
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import UsageError, shape_text
+from utils import UsageError, atomic_write, shape_text
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -282,3 +283,21 @@ def preprocess_file(path: Path, prep: Preprocessing, min_side: int) -> list[np.n
     if min(height, width) < min_side:
         raise BadFile(f"is {height}x{width}, smaller than the {min_side}x{min_side} the network needs")
     return [np.round(fit_to_shape(s, prep.image_size, prep.resize) * 255).astype(np.uint8) for s in slices]
+
+
+def write_image(path: Path, image: torch.Tensor) -> None:
+    """One image [C, H, W] in [0, 1] as an 8-bit file, written whole: a PNG, or a uint8 2D NIfTI (.nii.gz) that
+    read_slices gives back as it was (8-bit data is divided by 255)."""
+    array = np.round(image.detach().float().clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        if array.shape[0] != 1:
+            raise ValueError(f"a NIfTI slice has one channel, this image has {array.shape[0]}")
+        encoded = nib.Nifti1Image(array[0], np.eye(4))
+        atomic_write(path, lambda tmp: nib.save(encoded, tmp + ".nii.gz") or os.replace(tmp + ".nii.gz", tmp))
+        return
+    from PIL import Image
+
+    picture = Image.fromarray(array[0] if array.shape[0] == 1 else np.transpose(array, (1, 2, 0)))
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))

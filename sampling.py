@@ -80,6 +80,7 @@ class CodePrior(nn.Module):
     like a HierarchicalPrior (priors.py), whose code maps come as a list, one per level."""
 
     levels = ("codes",)
+    score = "bits_per_code"  # what picks its best checkpoint: the validation NLL
 
     def bits_per_code(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
                       condition: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 import checkpoints
 import figures
 import metrics
+import training
 import utils
 from dataset import BatchLoader, DataSource, SliceSet, find_data, load_split
 from demo import make_demo_data
@@ -54,13 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     utils.add_config_arguments(model, VQVAEConfig)
     model.add_argument("--kmeans-init", action="store_true", help="initialise the codebook by k-means on encoder "
                        "outputs of the first batches (default: a random draw of them)")
-    utils.add_run_arguments(parser, epochs=10, batch_size=16, lr=1e-3)
+    training.add_run_arguments(parser, epochs=10, batch_size=16, lr=1e-3)
     parser.add_argument("--ssim-weight", type=float, default=0.2, help="weight of (1 - SSIM) added to the MSE")
-    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
-                        help="also write the -last checkpoint every this many steps (it is always written each epoch)")
-    parser.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly from its -last (or best) "
-                        "checkpoint; --epochs, --time-limit, --max-steps, --checkpoint-every, --data and --cache-dir "
-                        "may be changed, --device, --compile and --precision are this machine's")
     return parser
 
 
@@ -185,7 +181,7 @@ def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, ssim
 
 
 def train(epoch: int, loader: BatchLoader, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-          clock: utils.TrainingClock, args: argparse.Namespace, totals: EpochTotals, precision: str = "fp32",
+          clock: training.TrainingClock, args: argparse.Namespace, totals: EpochTotals, precision: str = "fp32",
           on_checkpoint: Callable[[EpochTotals], None] | None = None) -> EpochTotals:
     """Train one epoch from position `totals.items` on; stops early after the step that runs out of time or
     steps. Every process calls on_checkpoint at the same steps (it makes a collective call)."""
@@ -249,28 +245,9 @@ def format_epoch(epoch: int, row: dict, levels: tuple[str, ...]) -> str:
             f"mae {row['val_mae']:.4f} | {use} | {row['seconds']:.0f}s")
 
 
-RESUME_OVERRIDES = ("epochs", "time_limit", "max_steps", "checkpoint_every", "data", "cache_dir")
-MACHINE_OPTIONS = ("device", "compile", "precision")  # always this command line's: they belong to the machine
-
-
-def explicit_options(argv: list[str]) -> set[str]:
-    """The options given on the command line (not left at their defaults)."""
-    parser = build_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
-
-
 def resume_settings(args: argparse.Namespace, argv: list[str]) -> tuple[argparse.Namespace, dict]:
     """The resumed run's own settings, with the few options that may change taken from this command line."""
-    checkpoint = checkpoints.load_checkpoint(args.resume, expected_kind="vqvae")
-    if "training" not in checkpoint:
-        raise UsageError(f"{args.resume}: holds no training state to resume from")
-    settings = argparse.Namespace(**{**vars(args), **checkpoint["args"]})
-    for name in (explicit_options(argv) & set(RESUME_OVERRIDES)) | set(MACHINE_OPTIONS):
-        setattr(settings, name, getattr(args, name))
-    settings.resume, settings.run_name = args.resume, checkpoint["run_name"]
-    settings.checkpoint_dir = str(Path(args.resume).resolve().parent)  # the run goes on where its checkpoint is
+    settings, checkpoint = training.resume_settings(build_parser(), args, argv, "vqvae")
     settings.image_size = list(checkpoint["preprocessing"]["image_size"])
     return settings, checkpoint
 
@@ -289,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     resumed = None
     if args.resume:
         args, resumed = resume_settings(args, argv)
-    args.batch_size = utils.per_process_batch(args, utils.launched_world_size())
+    args.batch_size = training.per_process_batch(args, utils.launched_world_size())
     utils.seed_everything(args.seed)
     device = utils.training_device(args.device)
     config = VQVAEConfig.from_dict(resumed["config"]) if resumed else build_config(args)
@@ -321,12 +298,12 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
                                seed=args.seed, drop_last=len(data.train) > args.batch_size * world, **shards)
     val_loader = BatchLoader(data.validate.images, data.validate.labels, args.batch_size * 2, shuffle=False,
                              device=device, **shards)
-    training = resumed["training"] if resumed else {"epoch": 1, "step": 0, "elapsed": 0.0, "best_val_ssim": -1.0}
+    state = resumed["training"] if resumed else {"epoch": 1, "step": 0, "elapsed": 0.0, "best_val_ssim": -1.0}
     if resumed:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
-        utils.set_rng_state(training["rng"], device)
-        say(f"resuming {run_name} at epoch {training['epoch']}, step {training['step']}")
+        utils.set_rng_state(state["rng"], device)
+        say(f"resuming {run_name} at epoch {state['epoch']}, step {state['step']}")
     else:
         initialise_codebook(model, train_loader, args.kmeans_init, processes=world)
     if is_main:  # this run owns its checkpoint names: what a killed run left half-written goes
@@ -339,12 +316,13 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
     code_sizes = " and ".join(utils.shape_text(side // size for side in prep.image_size)
                               for size in reversed([config.scale * 2**level for level in range(config.levels)]))
     say(f"{utils.describe_machine(device, precision, world)}; run {run_name}")
+    batches = training.describe_batches(args.batch_size, world, len(train_loader), args.epochs)
     say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, codes {code_sizes} from "
-        f"K={config.num_embeddings}; {utils.describe_batches(args.batch_size, world, len(train_loader), args.epochs)}")
+        f"K={config.num_embeddings}; {batches}")
 
-    clock = utils.TrainingClock(args, args.epochs * len(train_loader), training["step"], training["elapsed"], device)
+    clock = training.TrainingClock(args, args.epochs * len(train_loader), state["step"], state["elapsed"], device)
     rows = [row for row in read_rows(figures_dir / "metrics.csv") if int(row["step"]) <= clock.step] if resumed else []
-    best_ssim = training["best_val_ssim"]
+    best_ssim = state["best_val_ssim"]
     examples = data.validate.as_float(slice(0, RECONSTRUCTION_EXAMPLES[config.spatial_dims])).to(device)
 
     def save(path: Path, epoch: int, summed: EpochTotals, row: dict) -> None:
@@ -365,12 +343,12 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
         if is_main:
             save(last_path, epoch, summed, {})
 
-    epoch = training["epoch"]
+    epoch = state["epoch"]
     sizes = (config.levels, config.num_embeddings)
-    totals = EpochTotals.from_dict(training["epoch_totals"], device, is_main, args.batch_size) \
+    totals = EpochTotals.from_dict(state["epoch_totals"], device, is_main, args.batch_size) \
         if resumed else EpochTotals.zeros(*sizes, device)
     # An epoch whose last step was saved midway is still evaluated; one saved at its end is done.
-    if training.get("epoch_done", train_loader.batches_left(totals.items) == 0):
+    if state.get("epoch_done", train_loader.batches_left(totals.items) == 0):
         epoch, totals = epoch + 1, EpochTotals.zeros(*sizes, device)
     while epoch <= args.epochs and not clock.out_of_steps:
         totals = train(epoch, train_loader, step_model, optimizer, clock, args, totals, precision,

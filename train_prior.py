@@ -1,8 +1,11 @@
-"""Train a PixelCNN prior over the code maps of a trained VQ-VAE (for a two-level VQ-VAE-2: a prior over the top
-codes and one over the bottom codes conditioned on the top ones).
+"""Train a prior over the code maps of a trained VQ-VAE: a transformer (the default), a masked-token transformer
+(MaskGIT) or a gated PixelCNN. For a two-level VQ-VAE-2: a prior over the top codes and one over the bottom codes
+conditioned on the top ones.
 
-    python train_prior.py -m checkpoints/<vqvae>.pth
-    torchrun --nproc_per_node=4 train_prior.py -m checkpoints/<vqvae>.pth     # one process per GPU
+    python train_prior.py -m checkpoints/<vqvae>.pth                       # the transformer prior
+    python train_prior.py -m checkpoints/<vqvae>.pth --prior masked        # or pixelcnn
+    torchrun --nproc_per_node=4 train_prior.py -m checkpoints/<vqvae>.pth   # one process per GPU
+    python train_prior.py --resume checkpoints/<vqvae>-prior-last.pth      # continue a killed run exactly
 
 Then: python predict.py -m checkpoints/<vqvae>-prior.pth --sample 16
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,29 +24,39 @@ from tqdm import tqdm
 import checkpoints
 import figures
 import metrics
+import training
 import utils
 from checkpoints import checkpoint_data
 from codes import code_loader, encode_split, prior_evaluation_loaders
 from dataset import DataSource, SliceSet, load_split
 from modules import weights_fingerprint
 from pixelcnn import PixelCNNConfig
-from priors import build_prior, prior_config_dict
+from priors import PRIOR_KINDS, build_prior, prior_config_dict, prior_configs
 from readers import Preprocessing
-from sampling import PriorObjective, stack_levels, unstack_levels
-from utils import UsageError, progress_bar
+from sampling import PriorObjective, stack_levels
+from transformer import TransformerConfig
+from utils import UsageError
+
+DEFAULT_PRIOR = "transformer"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
-    parser.add_argument("-m", "--model", required=True, help="the VQ-VAE checkpoint whose codes the prior learns")
+    parser.add_argument("-m", "--model", help="the VQ-VAE checkpoint whose codes the prior learns (not needed with "
+                        "--resume)")
     data = parser.add_argument_group("data")
     data.add_argument("--data", help="data folder; default: the one the VQ-VAE was trained on")
     data.add_argument("--cache-dir", default=".cache/slices", help="where decoded slices and code maps are cached")
     prior = parser.add_argument_group("prior")
+    prior.add_argument("--prior", choices=tuple(PRIOR_KINDS), default=DEFAULT_PRIOR,
+                       help="transformer: decoder-only, raster order, sampled with a key-value cache; masked: "
+                       "bidirectional, fills a map in --steps parallel steps (one-level VQ-VAEs); pixelcnn: the gated "
+                       "PixelCNN of van den Oord et al. 2016")
+    utils.add_config_arguments(prior, TransformerConfig)
     utils.add_config_arguments(prior, PixelCNNConfig)
     prior.add_argument("--unconditional", action="store_true",
                        help="ignore class folders (by default the prior is conditioned on the class when there is one)")
-    utils.add_run_arguments(parser, epochs=10, batch_size=16, lr=1e-3)
+    training.add_run_arguments(parser, epochs=10, batch_size=16, lr=1e-3)
     return parser
 
 
@@ -70,8 +83,11 @@ def prepare_codes(args: argparse.Namespace, device: torch.device, log: Callable[
     before the process group starts: one process per cache builds it while the others wait on its file lock."""
     vqvae, checkpoint = checkpoints.load_vqvae(args.model, device)
     if vqvae.config.spatial_dims != 2:
-        raise UsageError(f"{args.model}: is a 3D VQ-VAE (--spatial-dims 3); the PixelCNN prior models 2D code maps "
-                         "only: train the prior on a 2D checkpoint")
+        raise UsageError(f"{args.model}: is a 3D VQ-VAE (--spatial-dims 3); the priors model 2D code maps only: "
+                         "train the prior on a 2D checkpoint")
+    if args.prior == "masked" and vqvae.config.levels > 1:
+        raise UsageError(f"{args.model}: has two levels of codes; --prior masked models one level: use "
+                         "--prior transformer (or pixelcnn) for a VQ-VAE-2")
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
     source = checkpoint_data(checkpoint, args.data, log)  # the VQ-VAE's own splits
     splits = {split: load_split(source, split, prep, args.cache_dir, min_side=vqvae.config.image_multiple, log=log)
@@ -90,60 +106,81 @@ def prepare_codes(args: argparse.Namespace, device: torch.device, log: Callable[
     return CodeData(source, splits, codes, shapes, vqvae.config.num_embeddings, weights_fingerprint(vqvae), conditional)
 
 
-def train_epoch(epoch: int, loader, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                clock: utils.TrainingClock, conditional: bool, levels: int, precision: str = "fp32") -> float:
-    """One epoch (or until the clock stops it); the mean training NLL in bits per code over all processes."""
-    model.train()
-    loader.set_epoch(epoch)
-    total, steps = torch.zeros((), device=loader.device), 0
-    progress = progress_bar(loader, desc=f"prior epoch {epoch}", unit="batch")
-    for stacked, labels in progress:
-        for group in optimizer.param_groups:
-            group["lr"] = clock.learning_rate()
-        with utils.autocast(loader.device, precision):
-            loss = model(unstack_levels(stacked, levels), labels if conditional else None)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        clock.step += 1
-        steps += 1
-        total += loss.detach()
-        if progress.disable is False and steps % 25 == 0:  # reading the loss syncs: only for a visible bar
-            progress.set_postfix(bits=f"{(total / steps).item():.3f}")
-        if clock.should_stop():
-            break
-    progress.close()
-    summed, count = utils.all_reduce_sum(torch.stack([total, total.new_tensor(float(steps))])).tolist()
-    return summed / max(count, 1.0)
-
-
 def silent(*_args, **_kwargs) -> None:
     pass
 
 
+def level_configs(args: argparse.Namespace, data: CodeData) -> list:
+    """One config per level, of the --prior kind: the top one as a one-level prior, the bottom one also conditioned on
+    the top codes."""
+    config_class = PRIOR_KINDS[args.prior][0]
+    classes = len(data.source.class_names) if data.conditional else 0
+    configs = []
+    for level, (rows, columns) in enumerate(data.code_shapes):
+        values = {"num_embeddings": data.num_embeddings, "num_classes": classes,
+                  "condition_embeddings": data.num_embeddings if level else 0}
+        if config_class is not PixelCNNConfig:
+            values.update(rows=rows, columns=columns)
+        configs.append(utils.config_from_args(config_class, args, **values))
+    return configs
+
+
+def resume_settings(args: argparse.Namespace, argv: list[str]) -> tuple[argparse.Namespace, dict]:
+    return training.resume_settings(build_parser(), args, argv, "prior")
+
+
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     args = utils.absolute_paths(build_parser().parse_args(argv),
                                 ("model", "data", "cache_dir", "checkpoint_dir", "resources_dir"))
-    args.batch_size = utils.per_process_batch(args, utils.launched_world_size())
+    resumed = None
+    if args.resume:
+        args, resumed = resume_settings(args, argv)
+    elif args.model is None:
+        raise UsageError("-m VQVAE_CHECKPOINT is needed (or --resume PRIOR_CHECKPOINT)")
+    args.batch_size = training.per_process_batch(args, utils.launched_world_size())
     utils.seed_everything(args.seed)
     device = utils.training_device(args.device)
     say = print if utils.launched_rank() == 0 else silent
     data = prepare_codes(args, device, say)
     utils.init_distributed(device)
     try:
-        return train_prior(args, data, device, say)
+        return train_prior(args, data, device, resumed, say)
     finally:
         utils.close_distributed()
 
 
-def train_prior(args: argparse.Namespace, data: CodeData, device: torch.device, say: Callable[[str], None]) -> dict:
+def format_epoch(epoch: int, row: dict, levels: tuple[str, ...], score: str, uniform: float) -> str:
+    if score == "masked_bits_per_code":
+        validation = f"validation {row['val_masked_bits_per_code']:.3f} bits per masked code"
+    else:
+        bits = row["val_bits_per_code"]
+        validation = (f"validation {bits:.3f} bits/code ({bits / uniform:.0%} of uniform"
+                      f"{metrics.format_level_bits({k[4:]: v for k, v in row.items()}, levels)}), "
+                      f"{row['val_bits_per_image']:.0f} bits per image")
+    return f"prior epoch {epoch:3d} | train {row['train_bits_per_code']:.3f} bits/code | {validation} | " \
+           f"{row['seconds']:.0f}s"
+
+
+def train_prior(args: argparse.Namespace, data: CodeData, device: torch.device, resumed: dict | None,
+                say: Callable[[str], None]) -> dict:
     rank, world = (torch.distributed.get_rank() if utils.is_distributed() else 0), utils.world_size()
-    config = utils.config_from_args(PixelCNNConfig, args, num_embeddings=data.num_embeddings,
-                                    num_classes=len(data.source.class_names) if data.conditional else 0)
-    # One prior per level: the top one as a one-level prior, the bottom one also conditioned on the top codes.
-    configs = [config] + [replace(config, condition_embeddings=data.num_embeddings)] * (len(data.code_shapes) - 1)
+    is_main = rank == 0
+    configs = prior_configs(resumed["config"]) if resumed else level_configs(args, data)
     prior = build_prior(configs).to(device)
     optimizer = torch.optim.Adam(prior.parameters(), lr=args.lr)
+    state = resumed["training"] if resumed else {"epoch": 1, "step": 0, "elapsed": 0.0, "best": math.inf}
+    if resumed:
+        prior.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        utils.set_rng_state(state["rng"], device)
+    run_name = args.run_name or f"{Path(args.model).stem}-prior"
+    best_path = Path(args.checkpoint_dir) / f"{run_name}.pth"
+    last_path = Path(args.checkpoint_dir) / f"{run_name}-last.pth"
+    figures_dir = Path(args.resources_dir) / run_name
+    if is_main:  # this run owns its checkpoint names: what a killed run left half-written goes
+        for path in (best_path, last_path):
+            utils.remove_stale_temporaries(path)
     # Every process starts from the first one's weights; DDP and compile wrap the loss as a forward pass.
     step_prior = utils.wrap_distributed(PriorObjective(prior), device)
     if args.compile:
@@ -158,54 +195,79 @@ def train_prior(args: argparse.Namespace, data: CodeData, device: torch.device, 
         say(f"{len(unlabelled.data)} validation code maps have no class folder: their NLL is the class-mixture "
             "likelihood")
     log_prior = metrics.class_log_prior(data.class_counts) if data.conditional else None
-    run_name = args.run_name or f"{Path(args.model).stem}-prior"
-    checkpoint_path = Path(args.checkpoint_dir) / f"{run_name}.pth"
-    figures_dir = Path(args.resources_dir) / run_name
-    uniform = math.log2(config.num_embeddings)
+    uniform = math.log2(data.num_embeddings)
     shapes = " and ".join(f"{height}x{width}" for height, width in data.code_shapes)
     say(utils.describe_machine(device, precision, world))
-    say(f"prior: {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters over {shapes} code maps "
-        f"({', '.join(prior.levels)}), "
-        f"{'conditioned on ' + str(config.num_classes) + ' classes' if data.conditional else 'unconditional'}; "
+    if resumed:
+        say(f"resuming {run_name} at epoch {state['epoch']}, step {state['step']}")
+    say(f"prior: {configs[0].KIND}, {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters over {shapes} "
+        f"code maps ({', '.join(prior.levels)}), "
+        f"{'conditioned on ' + str(configs[0].num_classes) + ' classes' if data.conditional else 'unconditional'}; "
         f"uniform guessing costs {uniform:.2f} bits per code; "
-        f"{utils.describe_batches(args.batch_size, world, len(train_loader), args.epochs)}")
-    clock = utils.TrainingClock(args, args.epochs * len(train_loader), device=device)
-    rows: list[dict] = []
-    best = {"val_bits_per_code": math.inf}
-    for epoch in range(1, args.epochs + 1):
-        train_bits = train_epoch(epoch, train_loader, step_prior, optimizer, clock, data.conditional,
-                                 len(prior.levels), precision)
+        f"{training.describe_batches(args.batch_size, world, len(train_loader), args.epochs)}")
+    clock = training.TrainingClock(args, args.epochs * len(train_loader), state["step"], state["elapsed"], device)
+    rows = [row for row in read_rows(figures_dir / "metrics.csv") if int(row["step"]) <= clock.step] if resumed else []
+    score, best = prior.score, state["best"]
+
+    def save(path: Path, epoch: int, summed: training.PriorTotals, row: dict) -> None:
+        """A checkpoint; `row` holds the metrics of an evaluation at this point, or is empty midway."""
+        checkpoints.save_checkpoint(path, {
+            "kind": "prior", "model": prior.state_dict(), "optimizer": optimizer.state_dict(),
+            "config": prior_config_dict(configs), "run_name": run_name, "epoch": epoch, "metrics": row,
+            "conditional": data.conditional, "class_names": data.source.class_names,
+            "class_counts": data.class_counts, "code_shapes": data.code_shapes, "args": {**vars(args), "resume": None},
+            "vqvae": {"path": args.model, "fingerprint": data.vqvae_fingerprint},
+            "training": {"epoch": epoch, "step": clock.step, "elapsed": clock.elapsed, "best": best,
+                         "epoch_totals": summed.to_dict(), "world_size": world,
+                         "epoch_done": bool(row) and train_loader.batches_left(summed.items) == 0,
+                         "rng": utils.rng_state(device)}})
+
+    def save_midway(totals: training.PriorTotals, epoch: int) -> None:
+        summed = totals.synced()
+        if is_main:
+            save(last_path, epoch, summed, {})
+
+    epoch = state["epoch"]
+    totals = training.PriorTotals.from_dict(state["epoch_totals"], device, is_main) if resumed \
+        else training.PriorTotals.zeros(device)
+    if state.get("epoch_done", False):  # an epoch saved at its end is done; one saved midway is finished first
+        epoch, totals = epoch + 1, training.PriorTotals.zeros(device)
+    while epoch <= args.epochs and not clock.out_of_steps:
+        totals = training.prior_epoch(epoch, train_loader, step_prior, optimizer, clock, len(prior.levels),
+                                      data.conditional, totals, precision, args.checkpoint_every,
+                                      lambda t, e=epoch: save_midway(t, e))
         validation = metrics.evaluate_prior(prior, val_loader, log_prior, unlabelled)  # fp32, as predict.py's
-        val_bits = validation["bits_per_code"]
-        row = {"epoch": epoch, "train_bits_per_code": train_bits,
+        summed = totals.synced()
+        row = {"epoch": epoch, "step": clock.step, "train_bits_per_code": summed.mean(),
                **{f"val_{key}": value for key, value in validation.items()}, "seconds": clock.elapsed}
-        rows.append(row)
-        if rank == 0:
+        if is_main:
+            rows.append(row)
             utils.write_csv_rows(figures_dir / "metrics.csv", rows)
-            per_level = metrics.format_level_bits(validation, prior.levels)
-            tqdm.write(f"prior epoch {epoch:3d} | train {train_bits:.3f} bits/code | validation {val_bits:.3f} "
-                       f"bits/code ({val_bits / uniform:.0%} of uniform{per_level}), "
-                       f"{validation['bits_per_image']:.0f} bits per image | {row['seconds']:.0f}s")
-        if val_bits < best["val_bits_per_code"]:
-            best = row
-            if rank == 0:
-                checkpoints.save_checkpoint(checkpoint_path, {
-                    "kind": "prior", "model": prior.state_dict(), "optimizer": optimizer.state_dict(),
-                    "config": prior_config_dict(configs),
-                    "epoch": epoch, "metrics": row, "conditional": data.conditional,
-                    "class_names": data.source.class_names, "class_counts": data.class_counts,
-                    "code_shapes": data.code_shapes, "args": vars(args),
-                    "vqvae": {"path": args.model, "fingerprint": data.vqvae_fingerprint}})
+            tqdm.write(format_epoch(epoch, row, prior.levels, score, uniform))
+        if validation[score] < best:
+            best = validation[score]
+            if is_main:
+                save(best_path, epoch, summed, row)
+        if is_main:
+            save(last_path, epoch, summed, row)
         if clock.should_stop():
-            say(f"stopping during epoch {epoch}: time or step limit reached")
+            say(f"stopping during epoch {epoch}: " + (f"time limit of {args.time_limit:g}s reached"
+                                                      if clock.out_of_time else f"{clock.step} steps done"))
             break
-    if rank == 0:
+        epoch, totals = epoch + 1, training.PriorTotals.zeros(device)
+    best_row = min(rows, key=lambda r: float(r[f"val_{score}"])) if rows else {}
+    if is_main and rows:
         levels = [f"val_bits_per_code_{level}" for level in prior.levels if f"val_bits_per_code_{level}" in rows[0]]
         figures.save_training_curves(figures_dir / "curves.png", rows, {
-            "prior NLL (bits per code)": ("train_bits_per_code", "val_bits_per_code", *levels)})
-    say(f"best validation NLL {best['val_bits_per_code']:.3f} bits per code (epoch {best['epoch']}); "
-        f"checkpoint {checkpoint_path}\nnext: python predict.py -m {checkpoint_path} --sample 16")
-    return {"checkpoint": str(checkpoint_path), "best": best, "figures": str(figures_dir)}
+            "prior loss (bits per code)": ("train_bits_per_code", f"val_{score}", *levels)})
+        say(f"best validation {score.replace('_', ' ')} {float(best_row[f'val_{score}']):.3f} (epoch "
+            f"{best_row['epoch']}); checkpoint {best_path}\nnext: python predict.py -m {best_path} --sample 16")
+    return {"checkpoint": str(best_path), "last_checkpoint": str(last_path), "best": best_row,
+            "figures": str(figures_dir)}
+
+
+def read_rows(path: Path) -> list[dict]:
+    return utils.read_csv_rows(path) if path.exists() else []
 
 
 if __name__ == "__main__":

@@ -7,12 +7,10 @@ import csv
 import dataclasses
 import inspect
 import itertools
-import math
 import os
 import random
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
@@ -268,55 +266,6 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 
 # ----------------------------------------------------------------------------- training runs
 
-def add_run_arguments(parser: argparse.ArgumentParser, epochs: int, batch_size: int, lr: float) -> None:
-    """The options every training job takes: how long, how fast, where, and where the results go."""
-    training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=int, default=epochs, help="passes over the training split")
-    training.add_argument("--batch-size", type=int, default=batch_size,
-                          help="items per optimisation step of each process (under torchrun the step takes this many "
-                          "from every process)")
-    training.add_argument("--global-batch-size", type=int, metavar="N",
-                          help="items per optimisation step over all processes, split evenly between them (instead of "
-                          "--batch-size): the same training on 1 GPU or 8, and kept when a run resumes on another "
-                          "number of them")
-    training.add_argument("--lr", type=float, default=lr, help="peak Adam learning rate")
-    training.add_argument("--lr-schedule", choices=("cosine", "constant"), default="constant",
-                          help="cosine decays over the run (over --time-limit too, when that comes first)")
-    training.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up")
-    training.add_argument("--time-limit", type=float, metavar="SECONDS",
-                          help="stop after the step that crosses this many seconds of training, keeping the best")
-    training.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all; 0 = no limit")
-    training.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPUs after "
-                          "a minute of compiling)")
-    training.add_argument("--precision", choices=PRECISIONS, default="auto",
-                          help="bf16 autocast (a VQ-VAE's quantizer stays float32) or fp32; auto = bf16 on GPUs "
-                          "with native bfloat16 (compute capability 8.0+), fp32 on older GPUs and CPUs")
-    training.add_argument("--seed", type=int, default=0,
-                          help="seeds weights, shuffling (and a VQ-VAE's codebook restarts)")
-    training.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: auto, cuda "
-                          "or cpu; each process takes the GPU of its LOCAL_RANK)")
-    output = parser.add_argument_group("output")
-    output.add_argument("--run-name", help="names the checkpoint and figures")
-    output.add_argument("--checkpoint-dir", default="checkpoints", help="where <run-name>.pth is written")
-    output.add_argument("--resources-dir", default="resources", help="figures and metrics go to <dir>/<run-name>/")
-
-
-def per_process_batch(args: argparse.Namespace, processes: int) -> int:
-    """The batch each process takes: --global-batch-size split over the processes, else --batch-size."""
-    if not args.global_batch_size:
-        return args.batch_size
-    if args.global_batch_size % processes:
-        raise UsageError(f"--global-batch-size {args.global_batch_size} does not split evenly over {processes} "
-                         f"processes: use a multiple of {processes}")
-    return args.global_batch_size // processes
-
-
-def describe_batches(batch_size: int, processes: int, steps_per_epoch: int, epochs: int) -> str:
-    """The batch and step counts a run will make, as the log's start states them."""
-    return (f"global batch {batch_size * processes} ({processes} process{'es' if processes > 1 else ''} x "
-            f"{batch_size}), {steps_per_epoch} steps per epoch, {steps_per_epoch * epochs} in {epochs} epochs")
-
-
 def absolute_paths(args: argparse.Namespace, names: Sequence[str]) -> argparse.Namespace:
     """Make these path options absolute: checkpoints record them, and later jobs may run from another directory."""
     for name in names:
@@ -324,57 +273,6 @@ def absolute_paths(args: argparse.Namespace, names: Sequence[str]) -> argparse.N
         if value is not None:
             setattr(args, name, str(Path(value).expanduser().absolute()))
     return args
-
-
-STOP_CHECK_EVERY = 10  # steps between the processes' agreements on the time limit
-
-
-class TrainingClock:
-    """Wall-clock budget and learning-rate schedule, both measured as progress through the run in [0, 1].
-
-    Time spent before a resume counts too (`already_elapsed`), so a resumed run continues the same schedule.
-    """
-
-    def __init__(self, args: argparse.Namespace, total_steps: int, step: int = 0, already_elapsed: float = 0.0,
-                 device: torch.device | None = None):
-        self.args, self.total_steps, self.step = args, total_steps, step
-        self.device = device or torch.device("cpu")
-        self.start = time.perf_counter() - already_elapsed
-
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    @property
-    def out_of_time(self) -> bool:
-        return self.args.time_limit is not None and self.elapsed >= self.args.time_limit
-
-    @property
-    def out_of_steps(self) -> bool:
-        return bool(self.args.max_steps) and self.step >= self.args.max_steps
-
-    def progress(self) -> float:
-        by_steps = self.step / max(1, self.total_steps)
-        by_time = self.elapsed / self.args.time_limit if self.args.time_limit else 0.0
-        return min(1.0, max(by_steps, by_time))
-
-    def learning_rate(self) -> float:
-        warmup = min(1.0, (self.step + 1) / max(1, self.args.warmup_steps))
-        if self.args.lr_schedule == "constant":
-            return self.args.lr * warmup
-        return self.args.lr * warmup * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * self.progress())))
-
-    def should_stop(self) -> bool:
-        """Out of time or steps. Processes must agree on the time, and that costs a host sync (an all-reduce read
-        back), so when distributed the clock is consulted only every STOP_CHECK_EVERY steps."""
-        if self.args.time_limit is None or self.out_of_steps:
-            return self.out_of_steps  # the same step count on every process
-        if not is_distributed():
-            return self.out_of_time
-        if self.step % STOP_CHECK_EVERY:
-            return False
-        flag = torch.tensor(float(self.out_of_time), device=self.device)  # NCCL reduces only GPU tensors
-        return bool(all_reduce_sum(flag).item() > 0)
 
 
 def shape_text(shape: Iterable[int]) -> str:

@@ -13,6 +13,7 @@ import torch
 
 import checkpoints
 import train
+import training
 import utils
 from dataset import BatchLoader, find_data, load_split
 from modules import VQVAE, VQVAEConfig
@@ -41,7 +42,7 @@ def setup_training(data: Path, tmp_path: Path, device: torch.device, on_device: 
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     args = argparse.Namespace(time_limit=None, max_steps=0, warmup_steps=1, lr=1e-3, lr_schedule="constant",
                               ssim_weight=0.2, checkpoint_every=0)
-    clock = utils.TrainingClock(args, total_steps=100, device=device)
+    clock = training.TrainingClock(args, total_steps=100, device=device)
     return model, optimizer, loader, clock, args
 
 

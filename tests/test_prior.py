@@ -85,7 +85,8 @@ def test_sampling_is_deterministic_under_a_seed():
 
 
 def prior_args(tmp_path: Path, vqvae: str, *extra: str) -> list[str]:
-    return ["-m", vqvae, "--hidden-channels", "8", "--layers", "2", "--run-name", "pr", "--epochs", "1",
+    return ["-m", vqvae, "--hidden-channels", "8", "--layers", "2", "--width", "16", "--depth", "2", "--heads", "2",
+            "--run-name", "pr", "--epochs", "1",
             "--batch-size", "4", "--warmup-steps", "1", "--checkpoint-dir", str(tmp_path / "ck"), "--resources-dir",
             str(tmp_path / "res"), "--cache-dir", str(tmp_path / "cache"), *extra]
 

@@ -17,6 +17,7 @@ import checkpoints
 import metrics
 import train
 import train_prior
+import training
 import utils
 from conftest import make_classes, make_hipmri
 from modules import VQVAE, VectorQuantizer, VQVAEConfig
@@ -252,7 +253,7 @@ def test_torchrun_with_gloo_trains_and_writes_one_checkpoint(tmp_path: Path):
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["tiny-last.pth", "tiny.pth"]
     # One step per epoch (12 slices / (4 x 2)); out of time from the start, and the ranks agree on it at step 10.
     state = checkpoints.load_checkpoint(tmp_path / "ck" / "tiny-last.pth")["training"]
-    assert state["step"] == utils.STOP_CHECK_EVERY and state["world_size"] == 2
+    assert state["step"] == training.STOP_CHECK_EVERY and state["world_size"] == 2
     assert "time limit of 0s reached" in result.stdout
 
 
@@ -276,8 +277,9 @@ def test_torchrun_trains_one_prior(tmp_path: Path):
     vqvae = train.main(train_args(tmp_path, data, "--run-name", "vq", "--max-steps", "2"))["checkpoint"]
     result = torchrun("train_prior.py", prior_args(tmp_path, vqvae, *CPU, "--epochs", "2"), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("best validation NLL") == 1 and "device cpu, fp32, 2 processes" in result.stdout
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["pr.pth", "vq-last.pth", "vq.pth"]
+    assert result.stdout.count("best validation bits per code") == 1
+    assert "device cpu, fp32, 2 processes" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["pr-last.pth", "pr.pth", "vq-last.pth", "vq.pth"]
     assert checkpoints.load_checkpoint(tmp_path / "ck" / "pr.pth", expected_kind="prior")["epoch"] >= 1
 
 
