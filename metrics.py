@@ -203,3 +203,46 @@ def evaluate_masked_prior(prior: torch.nn.Module, loader, log_prior: Sequence[fl
             count += len(labels)
     summed, maps = all_reduce_sum(torch.stack([total, total.new_tensor(float(count))])).tolist()
     return {"masked_bits_per_code": summed / max(maps, 1.0)}
+
+
+# ----------------------------------------------------------------------------- samples
+
+def frechet_distance(features: torch.Tensor, references: torch.Tensor) -> float:
+    """The Frechet distance between Gaussians fitted to two sets of feature vectors [N, D] (FID's formula:
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))), in float64, the matrix square root by eigenvalues."""
+    a, b = features.double(), references.double()
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.t()), torch.cov(b.t())
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.t()
+    # tr((S_a S_b)^(1/2)) = tr((S_a^(1/2) S_b S_a^(1/2))^(1/2)), whose matrix is symmetric: eigenvalues suffice
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return float((mean_a - mean_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
+def mean_pairwise_ssim(images: torch.Tensor, pairs: int = 2000, seed: int = 0) -> float:
+    """Mean SSIM between `pairs` random pairs of different images of a set [N, C, H, W]: lower is more varied."""
+    generator = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, len(images), (pairs,), generator=generator)
+    second = (first + torch.randint(1, len(images), (pairs,), generator=generator)) % len(images)
+    return float(torch.cat([ssim_per_image(images[first[start:start + 256]], images[second[start:start + 256]])
+                            for start in range(0, pairs, 256)]).mean())
+
+
+def nearest_ssim(queries: torch.Tensor, references: torch.Tensor, candidates: int = 32,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query image, the highest SSIM it reaches with any reference image [M, C, H, W] (a training set) and
+    that reference's index, searched among its `candidates` nearest references in pixel distance (a copy is near in
+    both)."""
+    flat_references = references.flatten(1).float()
+    best, index = [], []
+    for start in range(0, len(queries), 64):
+        batch = queries[start:start + 64].float()
+        nearest = torch.cdist(batch.flatten(1), flat_references).topk(min(candidates, len(references)), dim=1,
+                                                                       largest=False).indices
+        repeated = batch.repeat_interleave(nearest.shape[1], dim=0)
+        ssim = ssim_per_image(repeated, references[nearest.flatten()].float()).view(len(batch), -1)
+        values, position = ssim.max(dim=1)
+        best.append(values)
+        index.append(nearest.gather(1, position[:, None])[:, 0])
+    return torch.cat(best), torch.cat(index)
