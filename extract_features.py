@@ -51,7 +51,7 @@ BAG_GRID = 3
 DEFAULT_FEATURES = ["bag_grid+pooled", "bag+pooled+latent_grid"]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     parser.add_argument("-m", "--model", required=True, help="VQ-VAE checkpoint written by train.py")
     parser.add_argument("--data", help="data folder; default: the one the checkpoint was trained on")
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--cache-dir", default=".cache/slices", help="cache of decoded slices and codes")
     parser.add_argument("--resources-dir", default="resources", help="figures go to <dir>/<checkpoint>/")
-    return parser.parse_args(argv)
+    return parser
 
 
 @dataclass
@@ -360,7 +360,7 @@ def print_probe_table(results: dict[str, float], fractions: list[float], sets: l
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     check_feature_sets(args.features)
     device = utils.pick_device(args.device)
     model, checkpoint = checkpoints.load_vqvae(args.model, device)

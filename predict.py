@@ -30,7 +30,7 @@ from sampling import stack_levels
 from utils import UsageError
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     parser.add_argument("-m", "--model", required=True,
                         help="checkpoint written by train.py (VQ-VAE) or train_prior.py (prior)")
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sampling.add_argument("--seed", type=int, default=0, help="seeds the sampling")
     sampling.add_argument("--label", help="class to generate (conditional priors); default: cycle through classes")
     sampling.add_argument("--vqvae", help="the prior's VQ-VAE checkpoint, if it has moved since training")
-    return parser.parse_args(argv)
+    return parser
 
 
 def choose_split(available: dict, wanted: str) -> str:
@@ -71,7 +71,7 @@ def choose_split(available: dict, wanted: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     device = utils.pick_device(args.device)
     checkpoint = checkpoints.load_checkpoint(args.model)
     if checkpoint["kind"] == "prior":

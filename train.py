@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     utils.add_config_arguments(model, VQVAEConfig)
     model.add_argument("--kmeans-init", action="store_true", help="initialise the codebook by k-means on encoder "
                        "outputs of the first batches (default: a random draw of them)")
-    training.add_run_arguments(parser, epochs=10, batch_size=16, lr=1e-3)
-    parser.add_argument("--ssim-weight", type=float, default=0.2, help="weight of (1 - SSIM) added to the MSE")
+    run = training.add_run_arguments(parser, epochs=10, batch_size=16, lr=1e-3)
+    run.add_argument("--ssim-weight", type=float, default=0.2, help="weight of (1 - SSIM) added to the MSE")
     return parser
 
 

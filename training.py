@@ -16,8 +16,10 @@ import utils
 from sampling import unstack_levels
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, epochs: int, batch_size: int, lr: float) -> None:
-    """The options every training job takes: how long, how fast, where, and where the results go."""
+def add_run_arguments(parser: argparse.ArgumentParser, epochs: int, batch_size: int,
+                      lr: float) -> argparse._ArgumentGroup:
+    """The options every training job takes: how long, how fast, where, and where the results go. Returns the
+    "training" group, for a job's own training options."""
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, default=epochs, help="passes over the training split")
     training.add_argument("--batch-size", type=int, default=batch_size,
@@ -52,6 +54,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, epochs: int, batch_size: 
     output.add_argument("--run-name", help="names the checkpoint and figures")
     output.add_argument("--checkpoint-dir", default="checkpoints", help="where <run-name>.pth is written")
     output.add_argument("--resources-dir", default="resources", help="figures and metrics go to <dir>/<run-name>/")
+    return training
 
 def per_process_batch(args: argparse.Namespace, processes: int) -> int:
     """The batch each process takes: --global-batch-size split over the processes, else --batch-size."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_classes, phantom_uint8
+from conftest import make_classes, phantom_uint8, write_png
 from test_end_to_end import ROOT, train_args
 from test_prior import prior_args
 
@@ -51,3 +51,43 @@ def test_rate_distortion_compares_models_with_jpeg(with_prior: bool, tmp_path: P
     assert len(lines) == (2 if with_prior else 1) and (tmp_path / "rd.png").exists()
     bpp = float(lines[0].split("bpp=")[1].split()[0])
     assert bpp == pytest.approx(np.log2(32) / 16)  # K=32 codes, one per 4x4 pixels
+
+
+def test_the_gpu_check_runs_every_step_shrunk_on_the_cpu(tmp_path: Path):
+    """benchmarks/gpu_check.py --smoke: the script a GPU machine's few minutes go to cannot rot unseen."""
+    import json
+
+    out = tmp_path / "gpu_check.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert {"cuda_tests", "speed", "train", "sampling", "torchrun"} <= set(report)
+    assert all(report[step]["ok"] for step in ("cuda_tests", "speed", "train", "sampling", "torchrun"))
+    assert report["cuda_tests"]["passed"] >= 3 and set(report["sampling"]["seconds"]) == {"pixelcnn", "transformer",
+                                                                                          "masked"}
+    assert report["torchrun"]["steps_after_resume_on_cpu"] == 5 and 0 <= report["train"]["val_ssim"] <= 1
+    assert result.stdout.strip().splitlines()[-1].startswith("steps=5 failed=none")
+
+
+def test_a_download_is_laid_out_as_the_manifest_says_and_what_is_missing_is_named(tmp_path: Path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import brain_mri
+
+    laid_out = tmp_path / "ours"
+    for split, label, index in (("train", "glioma", 0), ("train", "notumor", 1), ("validate", "glioma", 2)):
+        write_png(laid_out / split / label / f"Tr-{label[:2]}_{index:04d}.jpg", phantom_uint8(index))
+    manifest = tmp_path / "manifest.csv"
+    assert brain_mri.write_manifest(laid_out, manifest) == 3
+    rows = brain_mri.read_manifest(manifest)
+    download = tmp_path / "download" / "Training"
+    for row in rows[:2]:  # one file is not in this download; the others under the collection's own folders
+        source = laid_out / row["split"] / row["class"] / row["name"]
+        (download / row["class"]).mkdir(parents=True, exist_ok=True)
+        (download / row["class"] / f"copy-{row['name']}").write_bytes(source.read_bytes())
+    found, missing = brain_mri.lay_out(tmp_path / "download", tmp_path / "out", rows)
+    assert found == 2 and [row["name"] for row in missing] == [rows[2]["name"]]
+    for row in rows[:2]:
+        copied = tmp_path / "out" / row["split"] / row["class"] / row["name"]
+        assert copied.read_bytes() == (laid_out / row["split"] / row["class"] / row["name"]).read_bytes()
+    assert len(brain_mri.read_manifest()) == 5501  # the shipped manifest: 4,953 train and 548 validate
