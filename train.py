@@ -34,6 +34,8 @@ from utils import UsageError, progress_bar
 
 DEFAULT_DEMO_DIR = "data/demo"
 RECONSTRUCTION_EXAMPLES = {2: 6, 3: 2}  # slices, or volumes (each shown in three planes)
+# The demo's own size: the CPU recipe's widths and 10 epochs, so that `python train.py` takes minutes on a laptop
+DEMO_SIZE = {"hidden_channels": 64, "residual_channels": 32, "epochs": 10}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,14 +265,16 @@ def main(argv: list[str] | None = None) -> dict:
                          "codes of 2D checkpoints only, not of --spatial-dims 3 ones)")
     args = utils.absolute_paths(build_parser().parse_args(argv), ("data", "demo_dir", "cache_dir", "checkpoint_dir",
                                                                   "resources_dir"))
+    say = print if utils.launched_rank() == 0 else silent
     resumed = None
     if args.resume:
         args, resumed = resume_settings(args, argv)
+    elif args.data is None:
+        training.demo_sized(args, argv, build_parser(), DEMO_SIZE, say)
     args.batch_size = training.per_process_batch(args, utils.launched_world_size())
     utils.seed_everything(args.seed)
     device = utils.training_device(args.device)
     config = VQVAEConfig.from_dict(resumed["config"]) if resumed else build_config(args)
-    say = print if utils.launched_rank() == 0 else silent
     data = prepare_data(args, config.image_multiple, say)
     utils.init_distributed(device)
     try:

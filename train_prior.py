@@ -38,6 +38,8 @@ from transformer import TransformerConfig
 from utils import UsageError
 
 DEFAULT_PRIOR = "transformer"
+# The demo's own size: the CPU recipe's transformer, so that a prior of the demo model takes minutes on a laptop
+DEMO_SIZE = {"width": 64, "depth": 4, "heads": 4, "dropout": 0.0, "lr": 3e-3}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +80,8 @@ class CodeData:
         return [int((labels == index).sum()) for index in range(len(self.source.class_names))]
 
 
-def prepare_codes(args: argparse.Namespace, device: torch.device, log: Callable[[str], None]) -> CodeData:
+def prepare_codes(args: argparse.Namespace, device: torch.device, log: Callable[[str], None],
+                  argv: list[str] | None = None) -> CodeData:
     """Decode both splits and encode them with the VQ-VAE, once (cached). Under torchrun every process calls this
     before the process group starts: one process per cache builds it while the others wait on its file lock."""
     vqvae, checkpoint = checkpoints.load_vqvae(args.model, device)
@@ -98,6 +101,8 @@ def prepare_codes(args: argparse.Namespace, device: torch.device, log: Callable[
     if len(codes["train"]) < processes:
         raise UsageError(f"the training split has {len(codes['train'])} slices, fewer than the {processes} processes "
                          "torchrun started: use fewer processes (--nproc_per_node) or more data")
+    if checkpoint.get("data", {}).get("demo") and not args.resume:
+        training.demo_sized(args, sys.argv[1:] if argv is None else argv, build_parser(), DEMO_SIZE, log)
     labelled = bool((splits["train"].labels >= 0).all())
     conditional = not args.unconditional and bool(source.class_names) and labelled
     if source.class_names and not labelled and not args.unconditional:
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     utils.seed_everything(args.seed)
     device = utils.training_device(args.device)
     say = print if utils.launched_rank() == 0 else silent
-    data = prepare_codes(args, device, say)
+    data = prepare_codes(args, device, say, argv)
     utils.init_distributed(device)
     try:
         return train_prior(args, data, device, resumed, say)

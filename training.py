@@ -148,6 +148,19 @@ def resume_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, a
     return settings, checkpoint
 
 
+def demo_sized(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser, sizes: dict,
+               log: Callable[[str], None]) -> None:
+    """The built-in demo runs at its own size, minutes on a CPU: `sizes` replaces the defaults the command line left
+    alone (never an option it gave), and the log says so. `parser` is spent (see explicit_options)."""
+    given = explicit_options(parser, argv)
+    changed = {name: value for name, value in sizes.items() if name not in given}
+    for name, value in changed.items():
+        setattr(args, name, value)
+    if changed:
+        flags = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in changed.items())
+        log(f"the demo's own size, minutes on a CPU: {flags} (real data trains at the defaults; flags you give win)")
+
+
 # ----------------------------------------------------------------------------- a prior's epoch
 
 @dataclass

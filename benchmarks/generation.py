@@ -55,12 +55,15 @@ from transformer import TransformerConfig  # noqa: E402
 
 CPU_RECIPE = ["--image-size", "64", "--time-limit", "180", "--epochs", "100", "--hidden-channels", "64",
               "--residual-channels", "32"]
+# The transformers at the CPU recipe's size: at 300 s, 64 wide and 4 deep without dropout led 96x4, 128x4, 128x6,
+# 192x3 and 96x6 (docs/RESULTS.md, "Sizing the transformer for a CPU budget").
+CPU_TRANSFORMER = {"width": 64, "depth": 4, "heads": 4, "dropout": 0.0}
 PRIORS = {  # name -> (kind, config values besides the data's)
-    "transformer": ("transformer", {}),
-    "masked": ("masked", {}),
+    "transformer": ("transformer", CPU_TRANSFORMER),
+    "masked": ("masked", CPU_TRANSFORMER),
     "pixelcnn-64x8": ("pixelcnn", {"hidden_channels": 64, "num_layers": 8}),
     "pixelcnn-128x12": ("pixelcnn", {}),
-    "monai": ("monai", {}),
+    "monai": ("monai", CPU_TRANSFORMER),  # MONAI's DecoderOnlyTransformer at the transformer's size
 }
 MEMORISED = 0.9  # nearest-training-slice SSIM above which a sample counts as a copy
 
@@ -164,8 +167,21 @@ class CodeSplits:
     num_embeddings: int
 
 
-def build(name: str, data: CodeSplits, classes: int) -> torch.nn.Module:
+def prior_values(flags: list[str]) -> dict[str, dict]:
+    """--prior-flags as {prior name: {field: value}} (numbers as numbers)."""
+    values: dict[str, dict] = {}
+    for flag in flags:
+        name, _, setting = flag.partition(":")
+        field, _, value = setting.partition("=")
+        if name not in PRIORS or not field or not value:
+            raise utils.UsageError(f"--prior-flags {flag}: expected NAME:FIELD=VALUE, NAME one of {', '.join(PRIORS)}")
+        values.setdefault(name, {})[field] = float(value) if "." in value or "e" in value else int(value)
+    return values
+
+
+def build(name: str, data: CodeSplits, classes: int, overrides: dict | None = None) -> torch.nn.Module:
     kind, values = PRIORS[name]
+    values = {**values, **(overrides or {})}
     configs = []
     for level, (rows, columns) in enumerate(data.shapes):
         common = {"num_embeddings": data.num_embeddings, "num_classes": classes,
@@ -183,10 +199,10 @@ def build(name: str, data: CodeSplits, classes: int) -> torch.nn.Module:
 
 
 def train_for(prior: torch.nn.Module, data: CodeSplits, seconds: float, log_prior, device: torch.device,
-              seed: int) -> tuple[dict, int]:
-    """Train with train_prior.py's defaults for `seconds`; the prior ends with its best epoch's weights. Returns that
-    epoch's validation report and the steps made."""
-    args = argparse.Namespace(time_limit=seconds, max_steps=0, lr=1e-3, lr_schedule="constant", warmup_steps=100)
+              seed: int, lr: float = 1e-3) -> tuple[dict, int]:
+    """Train as train_prior.py does (batch 16, Adam, 100 warm-up steps, constant rate) for `seconds`; the prior
+    ends with its best epoch's weights. Returns that epoch's validation report and the steps made."""
+    args = argparse.Namespace(time_limit=seconds, max_steps=0, lr=lr, lr_schedule="constant", warmup_steps=100)
     torch.manual_seed(seed)
     train_loader = code_loader(data.codes["train"], data.train.labels, 16, True, device, seed)
     val_loader, _ = prior_evaluation_loaders(data.codes["validate"], data.validate.labels, 32, device, True)
@@ -206,7 +222,7 @@ def train_for(prior: torch.nn.Module, data: CodeSplits, seconds: float, log_prio
 
 
 def draw(prior: torch.nn.Module, data: CodeSplits, vqvae, count: int, batch: int, classes: int,
-         device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+         device: torch.device, temperature: float = 1.0, top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
     """`count` samples, the classes in turn: (uint8 images, requested labels, seconds of sampling)."""
     labels = torch.arange(count) % classes
     generator = torch.Generator(device=device).manual_seed(0)
@@ -214,7 +230,7 @@ def draw(prior: torch.nn.Module, data: CodeSplits, vqvae, count: int, batch: int
     for start in utils.progress_bar(range(0, count, batch), desc="sampling", unit="batch"):
         wanted = labels[start: start + batch].to(device)
         began = time.perf_counter()
-        maps = prior.sample_levels(len(wanted), data.shapes, wanted, 1.0, generator)
+        maps = prior.sample_levels(len(wanted), data.shapes, wanted, temperature, generator, top_k=top_k)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - began
@@ -266,8 +282,8 @@ def prepare(args: argparse.Namespace, device: torch.device):
               for split in ("train", "validate")}
     levels = {split: encode_split(vqvae, slices, device, args.cache_dir) for split, slices in splits.items()}
     stacked = {split: stack_levels(maps) for split, maps in levels.items()}
-    data = CodeSplits(splits["train"], splits["validate"], stacked, [list(level.shape[1:]) for level in levels["train"]],
-                      vqvae.config.num_embeddings)
+    shapes = [list(level.shape[1:]) for level in levels["train"]]
+    data = CodeSplits(splits["train"], splits["validate"], stacked, shapes, vqvae.config.num_embeddings)
     return vqvae, source, data
 
 
@@ -281,6 +297,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=600, help="training seconds per prior")
     parser.add_argument("--count", type=int, default=1000, help="samples per prior")
     parser.add_argument("--batch", type=int, default=250, help="samples drawn at once")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every prior")
+    parser.add_argument("--top-k", type=int, default=0, help="draw among the k likeliest codes only; 0 = all")
+    parser.add_argument("--prior-flags", nargs="+", default=[], metavar="NAME:FIELD=VALUE",
+                        help="config values of a prior, e.g. transformer:width=128 transformer:dropout=0")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of every prior (3e-3: the best of "
+                        "1e-3, 2e-3 and 3e-3 for the transformer, level with 2e-3 for the PixelCNN, at 300 s)")
     parser.add_argument("--judge-epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -308,11 +330,14 @@ def main() -> None:
             "validation slices": {"memorised": float((metrics.nearest_ssim(data.validate.as_float(slice(None)),
                                                                            train_images.float() / 255)[0]
                                                       > MEMORISED).float().mean())}}
+    overrides = prior_values(args.prior_flags)  # MONAI's peer takes the transformer's size
     log_prior = metrics.class_log_prior([int((data.train.labels == c).sum()) for c in range(classes)])
     for name in args.priors:
-        prior = build(name, data, classes).to(device)
-        best, steps = train_for(prior, data, args.budget, log_prior, device, args.seed)
-        images, labels, seconds = draw(prior.eval(), data, vqvae, args.count, args.batch, classes, device)
+        prior = build(name, data, classes, overrides.get(name, overrides.get("transformer") if name == "monai"
+                                                         else None)).to(device)
+        best, steps = train_for(prior, data, args.budget, log_prior, device, args.seed, args.lr)
+        images, labels, seconds = draw(prior.eval(), data, vqvae, args.count, args.batch, classes, device,
+                                       args.temperature, args.top_k)
         rows[name] = {**score(images, labels, judge, reference, size, train_images), **best, "steps": steps,
                       "sample_seconds": seconds,
                       "parameters": sum(p.numel() for p in prior.parameters())}
@@ -321,7 +346,8 @@ def main() -> None:
         if name == args.priors[0]:
             save_samples_figure(Path(args.out) / f"{name}_samples_with_nearest.png", images, labels, train_images,
                                 source.class_names, name)
-    rows["settings"] = {"budget_seconds": args.budget, "count": args.count, "fid_images": size,
+    rows["settings"] = {"budget_seconds": args.budget, "count": args.count, "fid_images": size, "lr": args.lr,
+                        "prior_flags": args.prior_flags, "temperature": args.temperature, "top_k": args.top_k,
                         "vqvae": args.vqvae, "device": str(device), "judge_epochs": args.judge_epochs,
                         "judge_accuracy_held_back": rows["real (held-back 20% of train)"]["agreement"]}
     utils.write_json(Path(args.out) / "generation.json", rows)

@@ -179,3 +179,15 @@ def test_jobs_and_benchmarks_import_only_the_library_and_the_library_has_no_circ
 
     for name in library:
         reachable(name)
+
+
+def test_the_demo_trains_at_its_own_size_unless_a_flag_says_otherwise():
+    import training
+
+    messages: list[str] = []
+    argv = ["--hidden-channels", "32"]
+    args = train.build_parser().parse_args(argv)
+    training.demo_sized(args, argv, train.build_parser(), train.DEMO_SIZE, messages.append)
+    assert args.hidden_channels == 32 and args.residual_channels == train.DEMO_SIZE["residual_channels"]
+    assert args.epochs == train.DEMO_SIZE["epochs"]
+    assert "--residual-channels" in messages[0] and "--hidden-channels" not in messages[0]
