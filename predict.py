@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-p", type=float, default=1.0, help="draw each code among the likeliest whose "
                           "probabilities sum to p (nucleus sampling); 1 = all")
     sampling.add_argument("--steps", type=int, default=12, help="masked prior: parallel steps that fill a map")
+    sampling.add_argument("--guidance", type=float, default=0.0, help="transformer priors: classifier-free guidance "
+                          "weight w, each draw from cond + w (cond - uncond); 0 = none")
     sampling.add_argument("--save-samples", metavar="DIR", help="write each sample as its own file, "
                           "DIR/<class>/sample_00001.png (.nii.gz for models trained on NIfTI), their code maps in "
                           "DIR/codes.npz and how they were drawn in DIR/samples.json: a data set --data can read")
@@ -150,7 +152,10 @@ def nearest_slices(samples: torch.Tensor, slices) -> torch.Tensor:
 def drawing_options(args: argparse.Namespace, checkpoint: dict) -> dict:
     """How each code is drawn besides the temperature, as the prior's sample() takes it."""
     options = {"top_k": args.top_k, "top_p": args.top_p}
-    if prior_configs(checkpoint["config"])[0].KIND == "masked":
+    kind = prior_configs(checkpoint["config"])[0].KIND
+    if kind != "pixelcnn":
+        options["guidance"] = args.guidance
+    if kind == "masked":
         options["steps"] = args.steps
     return options
 

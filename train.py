@@ -325,7 +325,7 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
         f"K={config.num_embeddings}; {batches}")
 
     clock = training.TrainingClock(args, args.epochs * len(train_loader), state["step"], state["elapsed"], device)
-    rows = [row for row in read_rows(figures_dir / "metrics.csv") if int(row["step"]) <= clock.step] if resumed else []
+    rows = training.resumed_rows(figures_dir / "metrics.csv", clock.step) if resumed else []
     best_ssim = state["best_val_ssim"]
     examples = data.validate.as_float(slice(0, RECONSTRUCTION_EXAMPLES[config.spatial_dims])).to(device)
 
@@ -374,8 +374,7 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
             figures.save_reconstructions(figures_dir / f"reconstructions_epoch_{epoch:03d}.png", model, examples,
                                        f"{run_name}, epoch {epoch}: validation SSIM {row['val_ssim']:.3f}")
         if clock.should_stop():
-            say(f"stopping during epoch {epoch}: " + (f"time limit of {args.time_limit:g}s reached"
-                                                      if clock.out_of_time else f"{clock.step} steps done"))
+            say(f"stopping during epoch {epoch}: {training.stop_reason(clock)}")
             break
         epoch, totals = epoch + 1, EpochTotals.zeros(*sizes, device)
     best = max(rows, key=lambda r: float(r["val_ssim"])) if rows else {}
@@ -387,10 +386,6 @@ def train_vqvae(args: argparse.Namespace, config: VQVAEConfig, data: TrainingDat
             f"figures in {figures_dir}/\nnext: python predict.py -m {best_path}")
     return {"checkpoint": str(best_path), "last_checkpoint": str(last_path), "best": best,
             "figures": str(figures_dir)}
-
-
-def read_rows(path: Path) -> list[dict]:
-    return utils.read_csv_rows(path) if path.exists() else []
 
 
 if __name__ == "__main__":

@@ -211,7 +211,7 @@ def train_prior(args: argparse.Namespace, data: CodeData, device: torch.device, 
         f"uniform guessing costs {uniform:.2f} bits per code; "
         f"{training.describe_batches(args.batch_size, world, len(train_loader), args.epochs)}")
     clock = training.TrainingClock(args, args.epochs * len(train_loader), state["step"], state["elapsed"], device)
-    rows = [row for row in read_rows(figures_dir / "metrics.csv") if int(row["step"]) <= clock.step] if resumed else []
+    rows = training.resumed_rows(figures_dir / "metrics.csv", clock.step) if resumed else []
     score, best = prior.score, state["best"]
 
     def save(path: Path, epoch: int, summed: training.PriorTotals, row: dict) -> None:
@@ -256,8 +256,7 @@ def train_prior(args: argparse.Namespace, data: CodeData, device: torch.device, 
         if is_main:
             save(last_path, epoch, summed, row)
         if clock.should_stop():
-            say(f"stopping during epoch {epoch}: " + (f"time limit of {args.time_limit:g}s reached"
-                                                      if clock.out_of_time else f"{clock.step} steps done"))
+            say(f"stopping during epoch {epoch}: {training.stop_reason(clock)}")
             break
         epoch, totals = epoch + 1, training.PriorTotals.zeros(device)
     best_row = min(rows, key=lambda r: float(r[f"val_{score}"])) if rows else {}
@@ -269,10 +268,6 @@ def train_prior(args: argparse.Namespace, data: CodeData, device: torch.device, 
             f"{best_row['epoch']}); checkpoint {best_path}\nnext: python predict.py -m {best_path} --sample 16")
     return {"checkpoint": str(best_path), "last_checkpoint": str(last_path), "best": best_row,
             "figures": str(figures_dir)}
-
-
-def read_rows(path: Path) -> list[dict]:
-    return utils.read_csv_rows(path) if path.exists() else []
 
 
 if __name__ == "__main__":

@@ -161,6 +161,15 @@ def demo_sized(args: argparse.Namespace, argv: list[str], parser: argparse.Argum
         log(f"the demo's own size, minutes on a CPU: {flags} (real data trains at the defaults; flags you give win)")
 
 
+def resumed_rows(path: Path, step: int) -> list[dict]:
+    """The metrics rows a resumed run had written up to the step it resumes from."""
+    return [row for row in utils.read_csv_rows(path) if int(row["step"]) <= step] if path.exists() else []
+
+
+def stop_reason(clock: TrainingClock) -> str:
+    return f"time limit of {clock.args.time_limit:g}s reached" if clock.out_of_time else f"{clock.step} steps done"
+
+
 # ----------------------------------------------------------------------------- a prior's epoch
 
 @dataclass

@@ -28,7 +28,9 @@ class TransformerConfig(Config):
     depth: int = option(8, "transformer: blocks (attention and MLP)")
     heads: int = option(8, "transformer: attention heads (--width must divide by them)")
     dropout: float = option(0.1, "transformer: dropout on the embeddings and the residual branches")
-    num_classes: int = 0  # > 0: the sequence starts with the class's token
+    class_dropout: float = option(0.1, "transformer: share of training maps shown without their class (the no-class "
+                                  "token), so that sampling can be guided by the class (predict.py --guidance)")
+    num_classes: int = 0  # > 0: the class's embedding starts the sequence and is added at every position
     condition_embeddings: int = 0  # > 0: also condition on a coarser code map (VQ-VAE-2's top codes) with this K
 
     def __post_init__(self) -> None:
@@ -85,12 +87,15 @@ class _Transformer(nn.Module):
     """What both transformer priors share: token, class and 2D position embeddings, the coarser level's condition,
     the blocks and the head over the K codes."""
 
-    def __init__(self, config: TransformerConfig, extra_tokens: int = 0, extra_classes: int = 0):
+    def __init__(self, config: TransformerConfig, extra_tokens: int = 0):
         super().__init__()
         self.config = config
         width = config.width
         self.token = nn.Embedding(config.num_embeddings + extra_tokens, width)
-        self.start = nn.Embedding(max(1, config.num_classes) + extra_classes, width)  # the class's (or one) token
+        # One vector per class and one for "no class" (unlabelled maps, class dropout, the unguided half of guidance);
+        # an unconditional prior has only the latter.
+        self.no_class = config.num_classes
+        self.start = nn.Embedding(config.num_classes + 1, width)
         self.row, self.column = nn.Embedding(config.rows, width), nn.Embedding(config.columns, width)
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(width, config.heads, config.dropout) for _ in range(config.depth))
@@ -117,9 +122,31 @@ class _Transformer(nn.Module):
         features = self.condition_network(self.condition_embedding(condition).permute(0, 3, 1, 2))
         return F.interpolate(features, size=tuple(shape), mode="nearest").flatten(2).transpose(1, 2)
 
-    def start_token(self, labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-        labels = torch.zeros(batch, dtype=torch.long, device=device) if labels is None else labels
+    def class_vectors(self, labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """The class embedding [B, C] of each map: no class for None or -1 (a map without a class folder), and for a
+        random `class_dropout` share of them while training."""
+        no_class = torch.full((batch,), self.no_class, dtype=torch.long, device=device)
+        if labels is None:
+            return self.start(no_class)
+        labels = torch.where(labels < 0, no_class, labels)
+        if self.training and self.config.class_dropout > 0:
+            labels = torch.where(torch.rand(batch, device=device) < self.config.class_dropout, no_class, labels)
         return self.start(labels)
+
+    def guided_labels(self, labels: torch.Tensor | None, guidance: float) -> torch.Tensor | None:
+        """With classifier-free guidance (Ho and Salimans 2022), every map is drawn twice, with its class and without:
+        the labels of that doubled batch."""
+        if not guidance or labels is None or not self.config.num_classes:
+            return labels
+        return torch.cat([labels, torch.full_like(labels, self.no_class)])
+
+    @staticmethod
+    def guide(logits: torch.Tensor, guidance: float, batch: int) -> torch.Tensor:
+        """Logits moved away from the no-class half of a doubled batch: cond + w (cond - uncond)."""
+        if len(logits) == batch:
+            return logits
+        conditional, unconditional = logits[:batch], logits[batch:]
+        return conditional + guidance * (conditional - unconditional)
 
     def logits(self, hidden: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """Logits [B, K, H, W] from the blocks' output at each position [B, H W, C]."""
@@ -145,8 +172,8 @@ class TransformerPrior(_Transformer, CodePrior):
     def _inputs(self, codes: torch.Tensor, labels: torch.Tensor | None, condition: torch.Tensor | None,
                 ) -> torch.Tensor:
         batch, shape = len(codes), codes.shape[1:]
-        tokens = self.token(codes.flatten(1)[:, :-1])
-        sequence = torch.cat([self.start_token(labels, batch, codes.device)[:, None], tokens], dim=1)
+        classes = self.class_vectors(labels, batch, codes.device)[:, None]
+        sequence = torch.cat([classes, self.token(codes.flatten(1)[:, :-1])], dim=1) + classes
         return self.embedding_dropout(sequence + self.positions(shape) + self.condition_features(condition, shape))
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
@@ -159,25 +186,32 @@ class TransformerPrior(_Transformer, CodePrior):
     @torch.inference_mode()
     def sample(self, batch_size: int, shape: tuple[int, int], labels: torch.Tensor | None = None,
                temperature: float = 1.0, generator: torch.Generator | None = None,
-               condition: torch.Tensor | None = None, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-        """Code maps [B, H, W] drawn in raster order, with a key-value cache: about one forward pass per map."""
+               condition: torch.Tensor | None = None, top_k: int = 0, top_p: float = 1.0,
+               guidance: float = 0.0) -> torch.Tensor:
+        """Code maps [B, H, W] drawn in raster order, with a key-value cache: about one forward pass per map (two
+        with guidance > 0, which moves each draw away from the class-free prediction: cond + w (cond - uncond))."""
         device = self.token.weight.device
+        labels = self.guided_labels(labels, guidance)
+        rows = batch_size if labels is None else len(labels)
+        if condition is not None and rows > batch_size:
+            condition = torch.cat([condition, condition])
         length, heads = shape[0] * shape[1], self.config.heads
         positions, conditions = self.positions(shape), self.condition_features(condition, shape)
-        cache_shape = (batch_size, heads, length, self.config.width // heads)
+        cache_shape = (rows, heads, length, self.config.width // heads)
         caches = [(positions.new_empty(cache_shape), positions.new_empty(cache_shape)) for _ in self.blocks]
         codes = torch.zeros(batch_size, length, dtype=torch.long, device=device)
-        hidden = self.start_token(labels, batch_size, device)
+        classes = self.class_vectors(labels, rows, device)
+        hidden = classes
         for position in range(length):
-            hidden = hidden + positions[position]
+            hidden = hidden + classes + positions[position]
             if torch.is_tensor(conditions):
                 hidden = hidden + conditions[:, position]
             hidden = hidden[:, None]
             for block, cache in zip(self.blocks, caches):
                 hidden = block.step(hidden, cache, position)
-            logits = self.head(self.norm(hidden[:, 0]))
+            logits = self.guide(self.head(self.norm(hidden[:, 0])), guidance, batch_size)
             codes[:, position] = draw_codes(logits, temperature, generator, top_k, top_p)
-            hidden = self.token(codes[:, position])
+            hidden = self.token(codes[:, position].repeat(rows // batch_size))
         return codes.view(batch_size, *shape)
 
 
@@ -194,26 +228,21 @@ class MaskedPrior(_Transformer):
     EVALUATION_RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)  # the mask ratios of its validation score
 
     def __init__(self, config: MaskedConfig):
-        super().__init__(config, extra_tokens=1, extra_classes=1)  # the mask token; a "no class" start token
+        super().__init__(config, extra_tokens=1)  # the mask token
         self.mask_token = config.num_embeddings
-        self.no_class = max(1, config.num_classes)
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         batch, shape = len(codes), codes.shape[1:]
-        tokens = self.token(codes.flatten(1)) + self.positions(shape)
-        sequence = torch.cat([self.start_token(labels, batch, codes.device)[:, None], tokens], dim=1)
-        hidden = self.embedding_dropout(sequence)
+        classes = self.class_vectors(labels, batch, codes.device)[:, None]
+        tokens = self.token(codes.flatten(1)) + self.positions(shape) + classes
+        hidden = self.embedding_dropout(torch.cat([classes, tokens], dim=1))
         for block in self.blocks:
             hidden = block(hidden, causal=False)
         return self.logits(hidden[:, 1:], shape)
 
-    def _labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
-        """Maps without a class folder (-1) take the "no class" token."""
-        return None if labels is None else torch.where(labels < 0, torch.full_like(labels, self.no_class), labels)
-
     def masked_bits(self, codes: torch.Tensor, labels: torch.Tensor | None, masked: torch.Tensor) -> torch.Tensor:
         """Mean bits of the masked codes of each map [B], given the others (masked: bool [B, H, W])."""
-        logits = self(codes.masked_fill(masked, self.mask_token), self._labels(labels))
+        logits = self(codes.masked_fill(masked, self.mask_token), labels)
         bits = F.cross_entropy(logits.float(), codes, reduction="none") / math.log(2)
         return (bits * masked).flatten(1).sum(1) / masked.flatten(1).sum(1).clamp_min(1)
 
@@ -243,16 +272,19 @@ class MaskedPrior(_Transformer):
     @torch.inference_mode()
     def sample(self, batch_size: int, shape: tuple[int, int], labels: torch.Tensor | None = None,
                temperature: float = 1.0, generator: torch.Generator | None = None, top_k: int = 0,
-               top_p: float = 1.0, steps: int = 12, choice_temperature: float = 4.5) -> torch.Tensor:
+               top_p: float = 1.0, steps: int = 12, choice_temperature: float = 4.5,
+               guidance: float = 0.0) -> torch.Tensor:
         """Maps [B, H, W] filled in `steps` steps: each draws a code for every masked position and keeps the most
         confident draws (their log-probability plus Gumbel noise that fades over the steps), re-masking the rest
         on the cosine schedule."""
         device = self.token.weight.device
         length = shape[0] * shape[1]
         codes = torch.full((batch_size, length), self.mask_token, dtype=torch.long, device=device)
+        labels = self.guided_labels(labels, guidance)
         for step, still_masked in enumerate(self.schedule(steps, length), start=1):
             masked = codes == self.mask_token
-            logits = self(codes.view(batch_size, *shape), self._labels(labels)).flatten(2).transpose(1, 2)
+            both = codes.repeat(1 if labels is None else len(labels) // batch_size, 1).view(-1, *shape)
+            logits = self.guide(self(both, labels), guidance, batch_size).flatten(2).transpose(1, 2)
             logits = truncate_logits(logits.reshape(-1, logits.shape[-1]).float() / max(temperature, 1e-6),
                                      top_k, top_p)
             drawn = draw_codes(logits, 1.0, generator).view(batch_size, length)

@@ -89,6 +89,17 @@ class Judge(nn.Module):
         return self.classify(self.features(images))
 
 
+def kept_model(path: Path, train, build) -> torch.nn.Module:
+    """A model saved in an earlier run of the benchmark (its weights only), or trained now and saved."""
+    if path.exists():
+        model = build()
+        model.load_state_dict(torch.load(path, weights_only=True)["model"])
+        return model.eval()
+    model = train()
+    utils.atomic_write(path, lambda tmp: torch.save({"model": model.state_dict()}, tmp))
+    return model
+
+
 def judge_split(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed 80% / 20% split of the training slices (by a seeded permutation)."""
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
@@ -222,7 +233,8 @@ def train_for(prior: torch.nn.Module, data: CodeSplits, seconds: float, log_prio
 
 
 def draw(prior: torch.nn.Module, data: CodeSplits, vqvae, count: int, batch: int, classes: int,
-         device: torch.device, temperature: float = 1.0, top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+         device: torch.device, temperature: float = 1.0, top_k: int = 0,
+         guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, float]:
     """`count` samples, the classes in turn: (uint8 images, requested labels, seconds of sampling)."""
     labels = torch.arange(count) % classes
     generator = torch.Generator(device=device).manual_seed(0)
@@ -230,7 +242,8 @@ def draw(prior: torch.nn.Module, data: CodeSplits, vqvae, count: int, batch: int
     for start in utils.progress_bar(range(0, count, batch), desc="sampling", unit="batch"):
         wanted = labels[start: start + batch].to(device)
         began = time.perf_counter()
-        maps = prior.sample_levels(len(wanted), data.shapes, wanted, temperature, generator, top_k=top_k)
+        drawing = {"top_k": top_k, **({"guidance": guidance} if guidance else {})}  # the transformers take guidance
+        maps = prior.sample_levels(len(wanted), data.shapes, wanted, temperature, generator, **drawing)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - began
@@ -299,11 +312,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=250, help="samples drawn at once")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every prior")
     parser.add_argument("--top-k", type=int, default=0, help="draw among the k likeliest codes only; 0 = all")
+    parser.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight of the "
+                        "transformer priors (the others have none)")
     parser.add_argument("--prior-flags", nargs="+", default=[], metavar="NAME:FIELD=VALUE",
                         help="config values of a prior, e.g. transformer:width=128 transformer:dropout=0")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of every prior (3e-3: the best of "
                         "1e-3, 2e-3 and 3e-3 for the transformer, level with 2e-3 for the PixelCNN, at 300 s)")
     parser.add_argument("--judge-epochs", type=int, default=8)
+    parser.add_argument("--reuse", action="store_true", help="score the priors saved in --out by an earlier run "
+                        "again (with other sampling settings) instead of training them (the judge is always reused)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache/slices"))
@@ -316,7 +333,10 @@ def main() -> None:
     if classes < 2 or bool((data.train.labels < 0).any()):
         raise utils.UsageError(f"{args.data}: the benchmark needs class folders (the judge names the class)")
     kept, held = judge_split(len(data.train), args.seed)
-    judge = train_judge(data.train.images[kept], data.train.labels[kept], classes, args.judge_epochs, args.seed)
+    judge = kept_model(Path(args.out) / "judge.pth",
+                       lambda: train_judge(data.train.images[kept], data.train.labels[kept], classes, args.judge_epochs,
+                                           args.seed),
+                       lambda: Judge(data.train.images.shape[1], classes))
     reference, _ = judged(judge, data.validate.as_float(slice(None)))
     with torch.inference_mode():
         reconstructions = torch.cat([(vqvae(batch.to(device))[0].float().clamp(0, 1) * 255).round().to(torch.uint8)
@@ -333,11 +353,23 @@ def main() -> None:
     overrides = prior_values(args.prior_flags)  # MONAI's peer takes the transformer's size
     log_prior = metrics.class_log_prior([int((data.train.labels == c).sum()) for c in range(classes)])
     for name in args.priors:
-        prior = build(name, data, classes, overrides.get(name, overrides.get("transformer") if name == "monai"
-                                                         else None)).to(device)
-        best, steps = train_for(prior, data, args.budget, log_prior, device, args.seed, args.lr)
+        def fresh(name: str = name) -> torch.nn.Module:
+            return build(name, data, classes, overrides.get(name, overrides.get("transformer") if name == "monai"
+                                                            else None)).to(device)
+
+        saved = Path(args.out) / f"prior-{name}.pth"
+        if saved.exists() and args.reuse:  # scored again, with other sampling settings, without training again
+            prior = kept_model(saved, None, fresh)
+            stored = torch.load(saved, weights_only=True)
+            best, steps = stored["report"], stored["steps"]
+        else:
+            prior = fresh()
+            best, steps = train_for(prior, data, args.budget, log_prior, device, args.seed, args.lr)
+            utils.atomic_write(saved, lambda tmp: torch.save({"model": prior.state_dict(), "report": best,
+                                                              "steps": steps}, tmp))
+        guidance = args.guidance if PRIORS[name][0] in ("transformer", "masked") else 0.0
         images, labels, seconds = draw(prior.eval(), data, vqvae, args.count, args.batch, classes, device,
-                                       args.temperature, args.top_k)
+                                       args.temperature, args.top_k, guidance)
         rows[name] = {**score(images, labels, judge, reference, size, train_images), **best, "steps": steps,
                       "sample_seconds": seconds,
                       "parameters": sum(p.numel() for p in prior.parameters())}
@@ -348,6 +380,7 @@ def main() -> None:
                                 source.class_names, name)
     rows["settings"] = {"budget_seconds": args.budget, "count": args.count, "fid_images": size, "lr": args.lr,
                         "prior_flags": args.prior_flags, "temperature": args.temperature, "top_k": args.top_k,
+                        "guidance": args.guidance,
                         "vqvae": args.vqvae, "device": str(device), "judge_epochs": args.judge_epochs,
                         "judge_accuracy_held_back": rows["real (held-back 20% of train)"]["agreement"]}
     utils.write_json(Path(args.out) / "generation.json", rows)

@@ -158,9 +158,9 @@ STEPS = {"cuda_tests": cuda_tests, "speed": speed, "train": train_run, "sampling
 
 def summary(name: str, result: dict) -> str:
     """The step's one line of numbers."""
-    shown = {key: value for key, value in result.items() if key not in ("tail", "ok")}
+    shown = {key: value for key, value in result.items() if key not in ("tail", "ok", "step_seconds")}
     text = json.dumps(shown, separators=(",", "="))[1:-1].replace('"', "")
-    return f"{name}: {'ok' if result['ok'] else 'FAILED'} {text} ({result['seconds']:.0f}s)"
+    return f"{name}: {'ok' if result['ok'] else 'FAILED'} {text} ({result['step_seconds']:.0f}s)"
 
 
 def main() -> None:
@@ -186,7 +186,7 @@ def main() -> None:
                 result = STEPS[name](args, Path(scratch) / name)
             except Exception as error:  # a broken step is reported; the next one still runs
                 result = {"ok": False, "error": f"{type(error).__name__}: {error}"}
-            result["seconds"] = time.perf_counter() - start
+            result["step_seconds"] = time.perf_counter() - start
             results[name] = result
             print(summary(name, result))
             utils.write_json(args.out, results)  # after every step: a run cut short keeps what it measured

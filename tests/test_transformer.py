@@ -176,9 +176,17 @@ def test_saved_samples_read_back_as_the_drawn_images_and_are_drawn_a_batch_at_a_
     prior = train_prior.main(prior_args(tmp_path, vqvae, "--max-steps", "2"))["checkpoint"]
     batches, decoded = [], []
     sample_levels, decode = TransformerPrior.sample_levels, VQVAE.decode_code_maps
-    monkeypatch.setattr(TransformerPrior, "sample_levels",
-                        lambda self, count, *args, **kw: batches.append(count) or sample_levels(self, count, *args, **kw))
-    monkeypatch.setattr(VQVAE, "decode_code_maps", lambda self, codes: decoded.append(len(codes[0])) or decode(self, codes))
+
+    def counted_sampling(self, count, *args, **kwargs):
+        batches.append(count)
+        return sample_levels(self, count, *args, **kwargs)
+
+    def counted_decoding(self, codes):
+        decoded.append(len(codes[0]))
+        return decode(self, codes)
+
+    monkeypatch.setattr(TransformerPrior, "sample_levels", counted_sampling)
+    monkeypatch.setattr(VQVAE, "decode_code_maps", counted_decoding)
     out = tmp_path / "samples"
     predict.main(["-m", prior, "--sample", "5", "--batch-size", "2", "--save-samples", str(out), "--top-k", "8",
                   "--cache-dir", str(tmp_path / "cache"), "--resources-dir", str(tmp_path / "res")])
@@ -202,3 +210,31 @@ def test_saved_samples_read_back_as_the_drawn_images_and_are_drawn_a_batch_at_a_
     with pytest.raises(Exception, match="not empty"):
         predict.main(["-m", prior, "--sample", "1", "--save-samples", str(out), "--cache-dir", str(tmp_path / "cache"),
                       "--resources-dir", str(tmp_path / "res")])
+
+
+def test_guided_sampling_draws_what_guided_full_forward_passes_predict():
+    """Classifier-free guidance: each draw from cond + w (cond - uncond), the no-class half run beside the class's."""
+    prior = tiny_transformer()
+    labels, guidance = torch.tensor([0, 2]), 2.0
+    fast = prior.sample(2, (4, 5), labels, generator=torch.Generator().manual_seed(5), guidance=guidance)
+    generator, codes = torch.Generator().manual_seed(5), torch.zeros(2, 20, dtype=torch.long)
+    no_class = torch.full_like(labels, prior.no_class)
+    with torch.no_grad():
+        for position in range(20):
+            maps = codes.view(2, 4, 5)
+            conditional = prior(maps, labels).flatten(2)[:, :, position]
+            unconditional = prior(maps, no_class).flatten(2)[:, :, position]
+            codes[:, position] = draw_codes(conditional + guidance * (conditional - unconditional), 1.0, generator)
+    assert torch.equal(fast, codes.view(2, 4, 5))
+    assert not torch.equal(fast, prior.sample(2, (4, 5), labels, generator=torch.Generator().manual_seed(5)))
+
+
+def test_class_dropout_hides_the_class_only_while_training():
+    prior = tiny_transformer(class_dropout=1.0)
+    labels = torch.tensor([0, 1, 2])
+    no_class = prior.start.weight[prior.no_class]
+    assert torch.equal(prior.class_vectors(labels, 3, labels.device), prior.start.weight[labels])  # eval: kept
+    prior.train()
+    assert all(torch.equal(vector, no_class) for vector in prior.class_vectors(labels, 3, labels.device))
+    prior.eval()
+    assert torch.equal(prior.class_vectors(torch.tensor([-1]), 1, labels.device)[0], no_class)  # no class folder
