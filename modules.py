@@ -19,8 +19,8 @@ class VQVAEConfig(Config):
     """Everything that makes a VQ-VAE; saved in every checkpoint. The fields with help are train.py's options."""
 
     in_channels: int = option(1, "1 = grayscale, 3 = RGB", flag="--channels", choices=(1, 3))
-    hidden_channels: int = option(64, "channels of the encoder/decoder at the code resolution")
-    residual_channels: int = option(32, "bottleneck channels inside each residual layer")
+    hidden_channels: int = option(192, "channels of the encoder/decoder at the code resolution")
+    residual_channels: int = option(96, "bottleneck channels inside each residual layer")
     num_residual_layers: int = option(2, "residual layers in the encoder and in the decoder",
                                       flag="--residual-layers")
     downsamples: int = option(2, "each halves height and width (2 = 4x smaller code map per side)")

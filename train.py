@@ -2,7 +2,7 @@
 
     python train.py                                        # built-in demo phantoms, CPU-friendly
     python train.py --spatial-dims 3                       # built-in demo phantom volumes, 3D convolutions
-    python train.py --data /path/to/keras_slices_data --epochs 30
+    python train.py --data /path/to/HipMRI_study_keras_slices_data   # or the folder it was unpacked into
     torchrun --nproc_per_node=4 train.py --data DIR        # one process per GPU
     python train.py --resume checkpoints/<run>-last.pth    # continue a killed run exactly
 
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     utils.add_config_arguments(model, VQVAEConfig)
     model.add_argument("--kmeans-init", action="store_true", help="initialise the codebook by k-means on encoder "
                        "outputs of the first batches (default: a random draw of them)")
-    run = training.add_run_arguments(parser, epochs=10, batch_size=16, lr=1e-3)
+    run = training.add_run_arguments(parser, epochs=20, batch_size=16, lr=1e-3)
     run.add_argument("--ssim-weight", type=float, default=0.2, help="weight of (1 - SSIM) added to the MSE")
     return parser
 

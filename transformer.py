@@ -21,6 +21,7 @@ class TransformerConfig(Config):
     from the codes it models (K, the map's shape, the classes, a coarser level's K)."""
 
     KIND: ClassVar[str] = "transformer"
+    LEGACY: ClassVar[dict] = {"class_dropout": 0.0}  # configs saved before guidance: trained without it
     num_embeddings: int = 512  # K of the VQ-VAE whose codes are modelled
     rows: int = 16  # the code map's height and width: each position has a learned row and a column embedding
     columns: int = 16
@@ -136,8 +137,8 @@ class _Transformer(nn.Module):
     def guided_labels(self, labels: torch.Tensor | None, guidance: float) -> torch.Tensor | None:
         """With classifier-free guidance (Ho and Salimans 2022), every map is drawn twice, with its class and without:
         the labels of that doubled batch."""
-        if not guidance or labels is None or not self.config.num_classes:
-            return labels
+        if not guidance or labels is None or not self.config.num_classes or not self.config.class_dropout:
+            return labels  # a prior trained without class dropout never learnt the class-free prediction
         return torch.cat([labels, torch.full_like(labels, self.no_class)])
 
     @staticmethod

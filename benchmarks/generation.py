@@ -110,16 +110,28 @@ def judge_split(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def train_judge(images: torch.Tensor, labels: torch.Tensor, classes: int, epochs: int, seed: int) -> Judge:
     torch.manual_seed(seed)
     judge = Judge(images.shape[1], classes)
-    optimizer = torch.optim.Adam(judge.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    steps = epochs * math.ceil(len(images) / 64)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
     generator = torch.Generator().manual_seed(seed)
     for _ in utils.progress_bar(range(epochs), desc="judge", unit="epoch"):
         judge.train()
         for batch in torch.randperm(len(images), generator=generator).split(64):
-            loss = F.cross_entropy(judge(images[batch].float() / 255), labels[batch])
+            loss = F.cross_entropy(judge(augmented(images[batch].float() / 255, generator)), labels[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            schedule.step()
     return judge.eval()
+
+
+def augmented(images: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torch.Tensor:
+    """Left-right flips and shifts of up to `shift` pixels: without them the judge learns its 4,000 slices by heart
+    (57% on the held-back fifth after 8 plain epochs) and its features tell little apart."""
+    flip = torch.rand(len(images), generator=generator) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    rows, columns = torch.randint(-shift, shift + 1, (2,), generator=generator).tolist()
+    return torch.roll(images, (rows, columns), dims=(-2, -1))
 
 
 @torch.no_grad()
@@ -312,13 +324,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=250, help="samples drawn at once")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every prior")
     parser.add_argument("--top-k", type=int, default=0, help="draw among the k likeliest codes only; 0 = all")
-    parser.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight of the "
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance weight of the "
                         "transformer priors (the others have none)")
     parser.add_argument("--prior-flags", nargs="+", default=[], metavar="NAME:FIELD=VALUE",
                         help="config values of a prior, e.g. transformer:width=128 transformer:dropout=0")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of every prior (3e-3: the best of "
                         "1e-3, 2e-3 and 3e-3 for the transformer, level with 2e-3 for the PixelCNN, at 300 s)")
-    parser.add_argument("--judge-epochs", type=int, default=8)
+    parser.add_argument("--judge-epochs", type=int, default=30)
     parser.add_argument("--reuse", action="store_true", help="score the priors saved in --out by an earlier run "
                         "again (with other sampling settings) instead of training them (the judge is always reused)")
     parser.add_argument("--seed", type=int, default=0)
@@ -344,7 +356,7 @@ def main() -> None:
     size = min(args.count, len(held), len(data.validate))
     train_images = data.train.images
     rows = {"real (held-back 20% of train)": score(data.train.images[held], data.train.labels[held], judge,
-                                                   reference, size, train_images),
+                                                   reference, size, train_images[kept]),  # itself excluded
             "VQ-VAE reconstructions (validation)": score(reconstructions, data.validate.labels, judge, reference,
                                                          size, train_images),
             "validation slices": {"memorised": float((metrics.nearest_ssim(data.validate.as_float(slice(None)),

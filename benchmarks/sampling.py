@@ -30,7 +30,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_sampling(prior: torch.nn.Module, count: int, batch: int, shape: tuple[int, int], device: torch.device,
-                  classes: int) -> float:
+                  classes: int, **drawing) -> float:
     """Seconds to draw `count` maps, `batch` at a time."""
     generator = torch.Generator(device=device).manual_seed(0)
     synchronize(device)
@@ -38,7 +38,7 @@ def time_sampling(prior: torch.nn.Module, count: int, batch: int, shape: tuple[i
     for first in range(0, count, batch):
         size = min(batch, count - first)
         labels = torch.arange(size, device=device) % classes if classes else None
-        prior.sample_levels(size, [shape], labels, generator=generator)
+        prior.sample_levels(size, [shape], labels, generator=generator, **drawing)
     synchronize(device)
     return time.perf_counter() - start
 
@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--num-embeddings", type=int, default=512)
     parser.add_argument("--classes", type=int, default=4, help="class-conditional over this many classes; 0 = none")
     parser.add_argument("--repeats", type=int, default=1, help="the fastest of this many runs is reported")
+    parser.add_argument("--guidance", type=float, default=3.0, help="the transformers' classifier-free guidance, "
+                        "predict.py's default (each map drawn twice); 0 = none")
     utils.add_config_arguments(parser, TransformerConfig)
     utils.add_config_arguments(parser, PixelCNNConfig)
     args = parser.parse_args()
@@ -66,12 +68,13 @@ def main() -> None:
         config = utils.config_from_args(PRIOR_KINDS[kind][0], args, **values)
         prior = build_prior([config]).to(device).eval()
         time_sampling(prior, 2, 2, (2, 2), device, args.classes)  # warm-up: allocator, kernels
-        seconds = min(time_sampling(prior, args.count, args.batch, (rows, columns), device, args.classes)
+        drawing = {"guidance": args.guidance} if kind != "pixelcnn" and args.classes else {}
+        seconds = min(time_sampling(prior, args.count, args.batch, (rows, columns), device, args.classes, **drawing)
                       for _ in range(args.repeats))
         parameters = sum(p.numel() for p in prior.parameters()) / 1e6
         print(f"{kind:>12}: {args.count} maps of {rows}x{columns} in {seconds:.2f}s ({parameters:.2f}M parameters)")
         results.append(f"prior={kind} seconds={seconds:.2f} count={args.count} batch={args.batch} "
-                       f"code_shape={rows}x{columns} device={device}")
+                       f"code_shape={rows}x{columns} device={device} guidance={drawing.get('guidance', 0)}")
     print("\n".join(results))
 
 

@@ -91,3 +91,28 @@ def test_a_download_is_laid_out_as_the_manifest_says_and_what_is_missing_is_name
         copied = tmp_path / "out" / row["split"] / row["class"] / row["name"]
         assert copied.read_bytes() == (laid_out / row["split"] / row["class"] / row["name"]).read_bytes()
     assert len(brain_mri.read_manifest()) == 5501  # the shipped manifest: 4,953 train and 548 validate
+
+
+def test_the_generation_benchmark_scores_each_prior_and_rescores_kept_ones(tmp_path: Path):
+    import json
+    import math
+
+    data = make_classes(tmp_path / "data", per_class=12)
+    vqvae = train.main(train_args(tmp_path, data, "--run-name", "vq", "--epochs", "3", "--lr", "3e-3"))["checkpoint"]
+    out = tmp_path / "generation"
+    command = [sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--data", str(data), "--vqvae", vqvae,
+               "--priors", "transformer", "pixelcnn-64x8", "--budget", "2", "--count", "6", "--batch", "4",
+               "--judge-epochs", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    rows = json.loads((out / "generation.json").read_text())
+    for name in ("transformer", "pixelcnn-64x8"):
+        assert rows[name]["images"] == 6 and 0 <= rows[name]["agreement"] <= 1 and math.isfinite(rows[name]["fid"])
+        assert rows[name]["steps"] > 0 and (out / f"prior-{name}.pth").exists()
+    assert (out / "judge.pth").exists() and (out / "transformer_samples_with_nearest.png").exists()
+    second = subprocess.run([*command, "--reuse", "--guidance", "2"], capture_output=True, text=True, timeout=600,
+                            check=False)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    again = json.loads((out / "generation.json").read_text())
+    assert again["transformer"]["steps"] == rows["transformer"]["steps"]  # scored again, not trained again
+    assert again["settings"]["guidance"] == 2 and again["transformer"]["images"] == 6

@@ -238,3 +238,12 @@ def test_class_dropout_hides_the_class_only_while_training():
     assert all(torch.equal(vector, no_class) for vector in prior.class_vectors(labels, 3, labels.device))
     prior.eval()
     assert torch.equal(prior.class_vectors(torch.tensor([-1]), 1, labels.device)[0], no_class)  # no class folder
+
+
+def test_a_prior_trained_without_class_dropout_samples_unguided():
+    """It never learnt the class-free prediction (its no-class row is untrained): guidance would steer by noise."""
+    prior = tiny_transformer(class_dropout=0.0)
+    labels = torch.tensor([0, 2])
+    guided = prior.sample(2, (4, 5), labels, generator=torch.Generator().manual_seed(5), guidance=3.0)
+    assert torch.equal(guided, prior.sample(2, (4, 5), labels, generator=torch.Generator().manual_seed(5)))
+    assert TransformerConfig.from_dict({"num_classes": 3}).class_dropout == 0.0  # configs saved before guidance
