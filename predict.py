@@ -24,7 +24,7 @@ from checkpoints import checkpoint_data, evaluation_data
 from codes import encode_split, prior_evaluation_loaders
 from dataset import BatchLoader, load_split
 from modules import weights_fingerprint
-from priors import prior_configs
+from priors import prior_configs, sampling_options
 from readers import NIFTI_SUFFIXES, Preprocessing, write_image
 from sampling import stack_levels
 from utils import UsageError
@@ -150,15 +150,9 @@ def nearest_slices(samples: torch.Tensor, slices) -> torch.Tensor:
     return slices.as_float(nearest)
 
 
-def drawing_options(args: argparse.Namespace, checkpoint: dict) -> dict:
+def drawing_options(args: argparse.Namespace, prior) -> dict:
     """How each code is drawn besides the temperature, as the prior's sample() takes it."""
-    options = {"top_k": args.top_k, "top_p": args.top_p}
-    kind = prior_configs(checkpoint["config"])[0].KIND
-    if kind != "pixelcnn":
-        options["guidance"] = args.guidance
-    if kind == "masked":
-        options["steps"] = args.steps
-    return options
+    return sampling_options(prior, top_k=args.top_k, top_p=args.top_p, guidance=args.guidance, steps=args.steps)
 
 
 class SampleWriter:
@@ -200,7 +194,7 @@ def generate(args: argparse.Namespace, prior, checkpoint: dict, vqvae, device: t
     code map per level (int16, on the CPU), the first `kept` images, and the seconds the sampling itself took."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
     labels = sample_labels(args, checkpoint, device)
-    drawing = drawing_options(args, checkpoint)
+    drawing = drawing_options(args, prior)
     codes: list[list[torch.Tensor]] = []
     images, seconds = [], 0.0
     for start in utils.progress_bar(range(0, args.sample, args.batch_size), desc="sampling", unit="batch"):
@@ -274,14 +268,14 @@ def sample(args: argparse.Namespace, prior, checkpoint: dict, vqvae, device: tor
     if writer is not None:
         drawn = {"prior": str(Path(args.model).resolve()), "prior_fingerprint": weights_fingerprint(prior),
                  "prior_kind": prior_configs(checkpoint["config"])[0].KIND, "vqvae": checkpoint["vqvae"],
-                 "temperature": args.temperature, **drawing_options(args, checkpoint), "seed": args.seed,
+                 "temperature": args.temperature, **drawing_options(args, prior), "seed": args.seed,
                  "batch_size": args.batch_size, "device": str(device), "label": args.label,
                  "image_size": list(prep.image_size), "format": "nii.gz" if nifti else "png",
                  "sample_seconds": seconds, "torch": torch.__version__}
         writer.finish(codes, sample_labels(args, checkpoint, torch.device("cpu")), drawn)
         print(f"wrote {args.sample} samples to {args.save_samples}/ (a data set: --data {args.save_samples})")
     train_slices = load_split(source, "train", prep, args.cache_dir, min_side=vqvae.config.image_multiple)
-    options = drawing_options(args, checkpoint)
+    options = drawing_options(args, prior)
     drawing = ", ".join(f"{key.replace('_', '-')} {value:g}" for key, value in options.items())
     figures.save_image_grid(figures_dir / "samples.png", images, title=f"{len(images)} of {args.sample} generated "
                             f"slices (temperature {args.temperature:g}, {drawing}, seed {args.seed})")

@@ -2,6 +2,7 @@
 built from the configs a prior checkpoint holds."""
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -76,3 +77,11 @@ def build_prior(configs: Sequence) -> CodePrior | HierarchicalPrior:
     """One prior per level: a CodePrior of the config's kind for one-level VQ-VAEs, a HierarchicalPrior for two."""
     models = [PRIOR_KINDS[config.KIND][1](config) for config in configs]
     return models[0] if len(models) == 1 else HierarchicalPrior(*models)
+
+
+def sampling_options(prior: nn.Module, **options) -> dict:
+    """Of the sampling options given, those the prior's sample() takes (guidance: the transformers; steps: the masked
+    prior), so that callers pass every option and no kind is named."""
+    level = prior.top if isinstance(prior, HierarchicalPrior) else prior
+    accepted = inspect.signature(level.sample).parameters
+    return {name: value for name, value in options.items() if name in accepted}

@@ -48,7 +48,7 @@ import utils  # noqa: E402
 from codes import code_loader, encode_split, prior_evaluation_loaders  # noqa: E402
 from dataset import SliceSet, load_split  # noqa: E402
 from pixelcnn import PixelCNNConfig  # noqa: E402
-from priors import PRIOR_KINDS, build_prior  # noqa: E402
+from priors import PRIOR_KINDS, build_prior, sampling_options  # noqa: E402
 from readers import Preprocessing  # noqa: E402
 from sampling import CodePrior, PriorObjective, draw_codes, stack_levels  # noqa: E402
 from transformer import TransformerConfig  # noqa: E402
@@ -254,7 +254,7 @@ def draw(prior: torch.nn.Module, data: CodeSplits, vqvae, count: int, batch: int
     for start in utils.progress_bar(range(0, count, batch), desc="sampling", unit="batch"):
         wanted = labels[start: start + batch].to(device)
         began = time.perf_counter()
-        drawing = {"top_k": top_k, **({"guidance": guidance} if guidance else {})}  # the transformers take guidance
+        drawing = sampling_options(prior, top_k=top_k, guidance=guidance)
         maps = prior.sample_levels(len(wanted), data.shapes, wanted, temperature, generator, **drawing)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -379,9 +379,8 @@ def main() -> None:
             best, steps = train_for(prior, data, args.budget, log_prior, device, args.seed, args.lr)
             utils.atomic_write(saved, lambda tmp: torch.save({"model": prior.state_dict(), "report": best,
                                                               "steps": steps}, tmp))
-        guidance = args.guidance if PRIORS[name][0] in ("transformer", "masked") else 0.0
         images, labels, seconds = draw(prior.eval(), data, vqvae, args.count, args.batch, classes, device,
-                                       args.temperature, args.top_k, guidance)
+                                       args.temperature, args.top_k, args.guidance)
         rows[name] = {**score(images, labels, judge, reference, size, train_images), **best, "steps": steps,
                       "sample_seconds": seconds,
                       "parameters": sum(p.numel() for p in prior.parameters())}

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 import utils  # noqa: E402
 from pixelcnn import PixelCNNConfig  # noqa: E402
-from priors import PRIOR_KINDS, build_prior  # noqa: E402
+from priors import PRIOR_KINDS, build_prior, sampling_options  # noqa: E402
 from transformer import TransformerConfig  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def main() -> None:
         config = utils.config_from_args(PRIOR_KINDS[kind][0], args, **values)
         prior = build_prior([config]).to(device).eval()
         time_sampling(prior, 2, 2, (2, 2), device, args.classes)  # warm-up: allocator, kernels
-        drawing = {"guidance": args.guidance} if kind != "pixelcnn" and args.classes else {}
+        drawing = sampling_options(prior, guidance=args.guidance)
         seconds = min(time_sampling(prior, args.count, args.batch, (rows, columns), device, args.classes, **drawing)
                       for _ in range(args.repeats))
         parameters = sum(p.numel() for p in prior.parameters()) / 1e6

@@ -13,7 +13,7 @@ import train
 import train_prior
 from conftest import make_classes
 from pixelcnn import PixelCNNConfig
-from priors import HierarchicalPrior, build_prior, prior_config_dict
+from priors import HierarchicalPrior, build_prior, prior_config_dict, sampling_options
 from sampling import draw_codes
 from test_end_to_end import train_args
 from test_prior import prior_args
@@ -247,3 +247,14 @@ def test_a_prior_trained_without_class_dropout_samples_unguided():
     guided = prior.sample(2, (4, 5), labels, generator=torch.Generator().manual_seed(5), guidance=3.0)
     assert torch.equal(guided, prior.sample(2, (4, 5), labels, generator=torch.Generator().manual_seed(5)))
     assert TransformerConfig.from_dict({"num_classes": 3}).class_dropout == 0.0  # configs saved before guidance
+
+
+def test_each_kind_is_given_only_the_sampling_options_it_takes():
+    given = {"top_k": 8, "guidance": 3.0, "steps": 4}
+    pixelcnn = build_prior([PixelCNNConfig(num_embeddings=12, hidden_channels=8, num_layers=2)])
+    assert sampling_options(pixelcnn, **given) == {"top_k": 8}
+    assert sampling_options(tiny_transformer(), **given) == {"top_k": 8, "guidance": 3.0}
+    assert sampling_options(MaskedPrior(MaskedConfig(**TINY.__dict__)), **given) == given
+    two_levels = build_prior([TransformerConfig(**TINY.__dict__), TransformerConfig(**TINY.__dict__)])
+    assert isinstance(two_levels, HierarchicalPrior) and sampling_options(two_levels, **given) == {"top_k": 8,
+                                                                                                  "guidance": 3.0}
