@@ -251,10 +251,10 @@ def draw(prior: torch.nn.Module, data: CodeSplits, vqvae, count: int, batch: int
     labels = torch.arange(count) % classes
     generator = torch.Generator(device=device).manual_seed(0)
     images, seconds = [], 0.0
+    drawing = sampling_options(prior, top_k=top_k, guidance=guidance)
     for start in utils.progress_bar(range(0, count, batch), desc="sampling", unit="batch"):
         wanted = labels[start: start + batch].to(device)
         began = time.perf_counter()
-        drawing = sampling_options(prior, top_k=top_k, guidance=guidance)
         maps = prior.sample_levels(len(wanted), data.shapes, wanted, temperature, generator, **drawing)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -371,8 +371,8 @@ def main() -> None:
 
         saved = Path(args.out) / f"prior-{name}.pth"
         if saved.exists() and args.reuse:  # scored again, with other sampling settings, without training again
-            prior = kept_model(saved, None, fresh)
-            stored = torch.load(saved, weights_only=True)
+            stored, prior = torch.load(saved, weights_only=True), fresh()
+            prior.load_state_dict(stored["model"])
             best, steps = stored["report"], stored["steps"]
         else:
             prior = fresh()
