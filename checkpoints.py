@@ -8,11 +8,11 @@ from typing import Callable
 
 import torch
 
-from dataset import DataSource, dataset_folders, find_data, list_images
+from dataset import DataSource, SliceSet, dataset_folders, find_data, list_images, load_split
 from demo import make_demo_data
 from modules import VQVAE, VQVAE2, VQVAEConfig, build_vqvae, weights_fingerprint
 from priors import build_prior, prior_configs
-from readers import NIFTI_SUFFIXES, PICTURE_SUFFIXES
+from readers import NIFTI_SUFFIXES, PICTURE_SUFFIXES, Preprocessing
 from utils import UsageError, atomic_write, remove_stale_temporaries
 
 Log = Callable[[str], None]
@@ -106,6 +106,18 @@ def evaluation_data(checkpoint: dict, override: str | None = None, log: Log = pr
             raise UsageError(f"{path}: no images found (looked for {', '.join(NIFTI_SUFFIXES + PICTURE_SUFFIXES)})")
         return DataSource(path, {"test": files}, [f"no split folders in {path}: evaluating all its {len(files)} files"])
     return checkpoint_data(checkpoint, override, log, require_train=False)
+
+
+def evaluation_slices(checkpoint: dict, data: str | None, split: str, cache_dir: str | os.PathLike, min_side: int,
+                      log: Log = print) -> tuple[DataSource, SliceSet, Preprocessing]:
+    """The slices a job evaluates with a VQ-VAE checkpoint: evaluation_data's `split` (test falls back to validate),
+    decoded with the checkpoint's preprocessing; with the data source and the preprocessing."""
+    prep = Preprocessing.from_dict(checkpoint["preprocessing"])
+    source = evaluation_data(checkpoint, data, log)
+    for note in source.notes[:1] if data else []:
+        log(note)
+    slices = load_split(source, source.evaluated_split(split, log), prep, cache_dir, min_side=min_side, log=log)
+    return source, slices, prep
 
 
 def data_dir_of(checkpoint: dict, override: str | None = None, log: Log = print) -> Path:

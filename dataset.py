@@ -62,6 +62,29 @@ class DataSource:
     def class_names(self) -> list[str]:
         return sorted({label for files in self.files.values() for _, label in files if label})
 
+    def only_classes(self, names: Sequence[str]) -> "DataSource":
+        """The same splits holding only the files of these class folders (a prior of normal anatomy: the normal
+        class of a labelled set)."""
+        if not self.class_names:
+            raise UsageError(f"{self.root}: --classes {' '.join(names)}: the data has no class folders")
+        unknown = [name for name in names if name not in self.class_names]
+        if unknown:
+            raise UsageError(f"{self.root}: --classes {' '.join(unknown)}: no such class folder (the classes are "
+                             f"{', '.join(self.class_names)})")
+        files = {split: [item for item in listed if item[1] in names] for split, listed in self.files.items()}
+        kept = ", ".join(f"{split} {len(listed)}" for split, listed in files.items())
+        return DataSource(self.root, {split: listed for split, listed in files.items() if listed},
+                          [*self.notes, f"keeping the classes {', '.join(names)} only ({kept} files)"], self.carved)
+
+    def evaluated_split(self, wanted: str, log: Log = print) -> str:
+        """The split a job evaluates when `wanted` is asked for: test falls back to validate when there is none."""
+        if wanted in self.files:
+            return wanted
+        if wanted == "test":
+            log("no test split: evaluating on the validation split instead")
+            return "validate"
+        raise UsageError(f"the data has no {wanted} split")
+
     def split_files(self, split: str) -> list[tuple[Path, str]]:
         """The files of one split; a split that is not there is a UsageError saying why."""
         if split in self.files:

@@ -166,13 +166,39 @@ def save_gif(path: str | os.PathLike, frames: Sequence[str | os.PathLike], secon
                                                   duration=durations, loop=0))
 
 
-def save_histogram(path: str | os.PathLike, values: np.ndarray, title: str, xlabel: str, bins: int = 40) -> None:
+def save_histogram(path: str | os.PathLike, values: np.ndarray | dict[str, np.ndarray], title: str, xlabel: str,
+                   bins: int = 40) -> None:
+    """A histogram of values, or of several named groups of them on shared bins (one colour each, a legend)."""
     plt = pyplot()
+    groups = values if isinstance(values, dict) else {"": values}
+    edges = np.histogram_bin_edges(np.concatenate([np.asarray(group) for group in groups.values()]), bins=bins)
     fig, axis = plt.subplots(figsize=(5, 3.2), layout="constrained")
-    axis.hist(values, bins=bins, color="#3b6ea8")
+    for name, group in groups.items():
+        axis.hist(group, bins=edges, alpha=0.55 if len(groups) > 1 else 1.0, label=name or None,
+                  color=None if len(groups) > 1 else "#3b6ea8")
+    if len(groups) > 1:
+        axis.legend(fontsize=8)
     axis.set_title(title, fontsize=10)
     axis.set_xlabel(xlabel)
     axis.set_ylabel("count")
+    save_figure(fig, path)
+
+
+def save_anomaly_examples(path: str | os.PathLike, images: torch.Tensor, healed: torch.Tensor, maps: torch.Tensor,
+                          row_labels: Sequence[str], title: str = "") -> None:
+    """input | healed | anomaly map over the input, one row per image (images, healed [B, C, H, W]; maps [B, H, W],
+    all drawn on one colour scale, its lowest 30% left transparent)."""
+    fig, axes = _figure_for(len(images), 3, images[0], 1.8, title)
+    top = float(maps.max()) or 1.0
+    for row, (image, healed_image, values) in enumerate(zip(images, healed, maps)):
+        _show_image(axes[row][0], image)
+        _show_image(axes[row][1], healed_image)
+        _show_image(axes[row][2], image)
+        shown = np.ma.masked_less(values.float().cpu().numpy(), 0.3 * top)
+        axes[row][2].imshow(shown, cmap="inferno", vmin=0, vmax=top, alpha=0.75, interpolation="bilinear")
+        axes[row][0].set_ylabel(row_labels[row], fontsize=7)
+    for column, name in enumerate(("input", "healed", "anomaly map")):
+        axes[0][column].set_title(name, fontsize=9)
     save_figure(fig, path)
 
 

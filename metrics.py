@@ -246,3 +246,49 @@ def nearest_ssim(queries: torch.Tensor, references: torch.Tensor, candidates: in
         best.append(values)
         index.append(nearest.gather(1, position[:, None])[:, 0])
     return torch.cat(best), torch.cat(index)
+
+
+# ----------------------------------------------------------------------------- detection
+
+def _ranked_counts(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """True and false positives [T] at each distinct score taken as the threshold, highest first (tied scores are
+    decided together), and the numbers of positives and negatives."""
+    scores, labels = scores.flatten().double(), labels.flatten().bool()
+    order = scores.argsort(descending=True)
+    scores, labels = scores[order], labels[order]
+    true_positives, false_positives = labels.cumsum(0), (~labels).cumsum(0)
+    last_of_tie = torch.cat([scores[1:] != scores[:-1], scores.new_ones(1, dtype=torch.bool)])
+    positives = int(labels.sum())
+    return true_positives[last_of_tie].double(), false_positives[last_of_tie].double(), positives, len(labels) - positives
+
+
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve: the chance that a positive scores above a negative (ties count half)."""
+    true_positives, false_positives, positives, negatives = _ranked_counts(scores, labels)
+    if not positives or not negatives:
+        return float("nan")
+    tpr = torch.cat([true_positives.new_zeros(1), true_positives / positives])
+    fpr = torch.cat([false_positives.new_zeros(1), false_positives / negatives])
+    return float(torch.trapezoid(tpr, fpr))
+
+
+def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the precision-recall curve as average precision: sum over thresholds of (recall gained) x
+    precision (scikit-learn's definition; no interpolation)."""
+    true_positives, false_positives, positives, _ = _ranked_counts(scores, labels)
+    if not positives:
+        return float("nan")
+    precision = true_positives / (true_positives + false_positives)
+    recall_gained = torch.diff(true_positives, prepend=true_positives.new_zeros(1)) / positives
+    return float((recall_gained * precision).sum())
+
+
+def best_dice(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """The highest Dice of (scores >= t) with the labels over every threshold t, counted over all pixels at once
+    (Baur et al.'s best possible Dice), and that threshold."""
+    true_positives, false_positives, positives, _ = _ranked_counts(scores, labels)
+    dice = 2 * true_positives / (true_positives + false_positives + positives)
+    best = int(dice.argmax())
+    thresholds = scores.flatten().double().sort(descending=True).values
+    ends = (true_positives + false_positives).long() - 1
+    return float(dice[best]), float(thresholds[ends[best]])

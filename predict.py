@@ -20,10 +20,11 @@ import checkpoints
 import figures
 import metrics
 import utils
-from checkpoints import checkpoint_data, evaluation_data
+from checkpoints import checkpoint_data, evaluation_slices
 from codes import encode_split, prior_evaluation_loaders
 from dataset import BatchLoader, load_split
 from modules import weights_fingerprint
+from outputs import FileOutputs, empty_folder
 from priors import prior_configs, sampling_options
 from readers import NIFTI_SUFFIXES, Preprocessing, write_image
 from sampling import stack_levels
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-json", help="also write the metrics to this JSON file")
     parser.add_argument("--examples", type=int, help="slices (default 8) or volumes (default 3, each in three "
                         "planes) shown in the reconstruction figure")
+    parser.add_argument("--save-reconstructions", metavar="DIR", help="VQ-VAE checkpoints: write each evaluated "
+                        "file's reconstruction to a new folder DIR, named and sized as its input (NIfTI with its "
+                        "affine, in its own intensities)")
     parser.add_argument("--batch-size", type=int, default=64, help="slices per forward pass, and samples drawn at once")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--cache-dir", default=".cache/slices", help="where decoded slices and code maps are cached")
@@ -64,28 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def choose_split(available: dict, wanted: str) -> str:
-    if wanted in available:
-        return wanted
-    if wanted == "test":
-        print("no test split: evaluating on the validation split instead")
-        return "validate"
-    raise UsageError(f"the data has no {wanted} split")
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     device = utils.pick_device(args.device)
     checkpoint = checkpoints.load_checkpoint(args.model)
     if checkpoint["kind"] == "prior":
+        if args.save_reconstructions:
+            raise UsageError("--save-reconstructions takes a VQ-VAE checkpoint; this is a prior's")
         return predict_prior(args, device, checkpoint)
     model, checkpoint = checkpoints.load_vqvae(args.model, device, checkpoint)
-    prep = Preprocessing.from_dict(checkpoint["preprocessing"])
-    source = evaluation_data(checkpoint, args.data)
-    for note in source.notes[:1] if args.data else []:
-        print(note)
-    split = choose_split(source.files, args.split)
-    slices = load_split(source, split, prep, args.cache_dir, min_side=model.config.image_multiple)
+    if args.save_reconstructions and model.config.spatial_dims == 3:
+        raise UsageError("--save-reconstructions writes 2D slices; this VQ-VAE models 3D volumes")
+    reconstructions_dir = empty_folder(args.save_reconstructions, "--save-reconstructions") \
+        if args.save_reconstructions else None
+    source, slices, prep = evaluation_slices(checkpoint, args.data, args.split, args.cache_dir,
+                                             model.config.image_multiple)
+    split = slices.name
     dims = model.config.spatial_dims
     items = utils.items_name(dims)
     loader = BatchLoader(slices.images, slices.labels, args.batch_size, shuffle=False, device=device)
@@ -105,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{code_use}")
     if args.metrics_json:
         utils.write_json(args.metrics_json, report)
+    if reconstructions_dir is not None:
+        save_reconstructions(FileOutputs(reconstructions_dir, args.data, source.root, prep), model, slices, loader)
 
     figures_dir = Path(args.resources_dir) / Path(args.model).stem
     examples = args.examples or (3 if dims == 3 else 8)
@@ -122,6 +122,17 @@ def main(argv: list[str] | None = None) -> dict:
                                  f"code use on the {split} split ({model.config.num_embeddings} codes per level)")
     print(f"figures in {figures_dir}/")
     return report
+
+
+@torch.inference_mode()
+def save_reconstructions(writer: FileOutputs, model, slices, loader: BatchLoader) -> None:
+    """Each slice's reconstruction as a file named and sized as its input, under the writer's folder."""
+    written = 0
+    for images, _ in utils.progress_bar(loader, desc="writing reconstructions", unit="batch"):
+        for reconstruction in model(images)[0].float():
+            writer.write_image("", slices.sources[written], reconstruction)
+            written += 1
+    print(f"wrote {written} reconstructions to {writer.folder}/, named as their inputs")
 
 
 def sample_labels(args: argparse.Namespace, checkpoint: dict, device: torch.device) -> torch.Tensor | None:
@@ -226,7 +237,7 @@ def predict_prior(args: argparse.Namespace, device: torch.device, checkpoint: di
     prior, checkpoint, vqvae, vqvae_checkpoint = checkpoints.load_prior(args.model, device, args.vqvae, checkpoint)
     prep = Preprocessing.from_dict(vqvae_checkpoint["preprocessing"])
     source = checkpoint_data(vqvae_checkpoint, args.data)
-    split = choose_split(source.files, args.split)
+    split = source.evaluated_split(args.split)
     slices = load_split(source, split, prep, args.cache_dir, min_side=vqvae.config.image_multiple)
     codes = stack_levels(encode_split(vqvae, slices, device, args.cache_dir))
     conditional = checkpoint["conditional"]

@@ -53,6 +53,13 @@ class HierarchicalPrior(nn.Module):
         return [top, self.bottom.sample(batch_size, tuple(shapes[1]), labels, temperature, generator, condition=top,
                                         **drawing)]
 
+    def restore_levels(self, levels: Sequence[torch.Tensor], threshold: float, labels: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The top codes restored first, then the bottom codes given the restored top (see TransformerPrior.restore)."""
+        top, top_replaced = self.top.restore(levels[0], threshold, labels, generator=generator)
+        bottom, bottom_replaced = self.bottom.restore(levels[1], threshold, labels, condition=top, generator=generator)
+        return [top, bottom], [top_replaced, bottom_replaced]
+
 
 def prior_config_from_dict(values: dict):
     """A level's config from a checkpoint; configs written before there were kinds are PixelCNN ones."""

@@ -54,10 +54,17 @@ def unreadable(error: Exception) -> BadFile:
     return BadFile(f"cannot be read ({type(error).__name__}: {str(error).strip()[:120]})")
 
 
-def _scale_robust(array: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
-    low, high = (float(value) for value in np.percentile(array, percentiles))  # Python floats keep float32 data
-    if high <= low:  # most pixels share one value: fall back to the full range
+def robust_range(array: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """The intensities that become 0 and 1: the given percentiles, or the full range when most pixels share one
+    value. Python floats: they keep float32 data float32."""
+    low, high = (float(value) for value in np.percentile(array, percentiles))
+    if high <= low:
         low, high = float(array.min()), float(array.max())
+    return low, high
+
+
+def _scale_robust(array: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    low, high = robust_range(array, percentiles)
     return np.clip((array - low) / (high - low), 0, 1)
 
 
@@ -94,15 +101,20 @@ def _read_picture(path: Path, prep: Preprocessing) -> list[tuple[np.ndarray, boo
         return [(np.asarray(converted, dtype=np.float32), True)]
 
 
-def read_slices(path: Path, prep: Preprocessing) -> list[np.ndarray]:
-    """The 2D slices of one file as float32 [C, H, W] arrays in [0, 1], before resizing. Raises BadFile."""
+def _raw_slices(path: Path, prep: Preprocessing) -> list[tuple[np.ndarray, bool]]:
+    """A file's 2D slices as read, each with whether it is 8-bit data. Raises BadFile."""
     reader = _read_nifti if path.name.lower().endswith(NIFTI_SUFFIXES) else _read_picture
     try:
-        raw_slices = reader(path, prep)
+        return reader(path, prep)
     except (BadFile, UsageError):
         raise
     except Exception as error:
         raise unreadable(error) from None
+
+
+def read_slices(path: Path, prep: Preprocessing) -> list[np.ndarray]:
+    """The 2D slices of one file as float32 [C, H, W] arrays in [0, 1], before resizing. Raises BadFile."""
+    raw_slices = _raw_slices(path, prep)
     slices = []
     for array, eight_bit in raw_slices:
         if not np.isfinite(array).all():
@@ -129,21 +141,70 @@ def _centre(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return F.pad(tensor, pads)
 
 
-def fit_to_shape(image: np.ndarray, shape: tuple[int, int], mode: str = "fit") -> np.ndarray:
-    """Resize [C, H, W] to shape without distorting the aspect ratio: fit inside and pad, or cover and crop."""
-    height, width = image.shape[-2:]
-    target_h, target_w = shape
+def _fitted_size(original: Sequence[int], shape: Sequence[int], mode: str) -> tuple[tuple[int, int], float]:
+    """The size [h, w] a 2D image of `original` size is scaled to before it is padded or cropped to `shape`, and
+    the scale: fit inside (mode "fit") or cover (mode "crop"), without distorting the aspect ratio."""
+    (height, width), (target_h, target_w) = original, shape
     ratios = (target_h / height, target_w / width)
     scale = min(ratios) if mode == "fit" else max(ratios)
+    if scale == 1:
+        return (height, width), scale
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    if mode == "fit":
+        return (min(size[0], target_h), min(size[1], target_w)), scale
+    return (max(size[0], target_h), max(size[1], target_w)), scale
+
+
+def fit_to_shape(image: np.ndarray, shape: tuple[int, int], mode: str = "fit") -> np.ndarray:
+    """Resize [C, H, W] to shape without distorting the aspect ratio: fit inside and pad, or cover and crop."""
+    size, scale = _fitted_size(image.shape[-2:], shape, mode)
     tensor = torch.from_numpy(np.ascontiguousarray(image))[None]
     if scale != 1:
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        if mode == "fit":
-            size = (min(size[0], target_h), min(size[1], target_w))
-        else:
-            size = (max(size[0], target_h), max(size[1], target_w))
         tensor = F.interpolate(tensor, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)
     return _centre(tensor, shape)[0].clamp_(0, 1).numpy()
+
+
+def unfit_from_shape(image: torch.Tensor, original: Sequence[int], mode: str = "fit") -> torch.Tensor:
+    """fit_to_shape undone: an image (or anomaly map) [C, h, w] at the network's size back at the `original` [H, W]
+    of the file it came from, the padding dropped (mode "fit") or the cropped-off border filled with zeros ("crop").
+    Values are interpolated, not clamped."""
+    size, scale = _fitted_size(original, image.shape[-2:], mode)
+    pads: list[int] = []  # _centre's padding (or crop) taken off again: the same offsets, the other sign
+    for fitted, target in zip(reversed(size), reversed(image.shape[-2:])):
+        missing = target - fitted
+        pads += [-(missing // 2), -(missing - missing // 2)]
+    restored = F.pad(image[None].float(), pads)
+    if scale != 1:
+        restored = F.interpolate(restored, size=tuple(original), mode="bilinear", antialias=scale > 1,
+                                 align_corners=False)
+    return restored[0]
+
+
+@dataclass
+class SliceOrigin:
+    """What it takes to give an array at the network's size back in a file's own terms: the slice's shape as read
+    (a NIfTI's array axes, a picture's rows and columns), the intensities that became 0 and 1 (None: 8-bit data,
+    divided by 255), and for NIfTI files the affine and the shape the data is stored in."""
+
+    shape: tuple[int, int]
+    intensity_range: tuple[float, float] | None
+    affine: np.ndarray | None = None
+    stored_shape: tuple[int, ...] | None = None
+
+
+def slice_origins(path: Path, prep: Preprocessing) -> list[SliceOrigin]:
+    """The origin of each slice preprocess_file gives for a 2D run, in the same order. Raises BadFile."""
+    affine, stored_shape = None, None
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        header = nib.load(str(path))
+        affine, stored_shape = np.asarray(header.affine, dtype=np.float64), tuple(header.shape)
+    origins = []
+    for array, eight_bit in _raw_slices(path, prep):
+        intensity = None if eight_bit else robust_range(array, prep.percentiles)
+        origins.append(SliceOrigin(tuple(array.shape[:2]), intensity, affine, stored_shape))
+    return origins
 
 
 def slice_shape(path: Path, slice_axis: int) -> tuple[int, int] | None:

@@ -105,6 +105,13 @@ class CodePrior(nn.Module):
         return [self.sample(batch_size, tuple(shapes[0]), labels, temperature, generator, **drawing)]
 
 
+    def restore_levels(self, levels: Sequence[torch.Tensor], threshold: float, labels: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each level's codes with the unlikely ones redrawn, and which were (priors with a restore() only)."""
+        restored, replaced = self.restore(levels[0], threshold, labels, generator=generator)
+        return [restored], [replaced]
+
+
 def level_loss(level_bits: Sequence[torch.Tensor], levels: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean bits per code over every code of every level, from each level's bits per map [B]."""
     return sum(level_bits).mean() / sum(codes[0].numel() for codes in levels)

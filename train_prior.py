@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--data", help="data folder; default: the one the VQ-VAE was trained on")
     data.add_argument("--cache-dir", default=".cache/slices", help="where decoded slices and code maps are cached")
+    data.add_argument("--classes", nargs="+", metavar="CLASS", help="train on these class folders only, e.g. "
+                      "--classes notumor: a prior of normal anatomy for anomaly.py (one class: an unconditional prior)")
     prior = parser.add_argument_group("prior")
     prior.add_argument("--prior", choices=tuple(PRIOR_KINDS), default=DEFAULT_PRIOR,
                        help="transformer: decoder-only, raster order, sampled with a key-value cache; masked: "
@@ -93,6 +95,9 @@ def prepare_codes(args: argparse.Namespace, device: torch.device, log: Callable[
                          "--prior transformer (or pixelcnn) for a VQ-VAE-2")
     prep = Preprocessing.from_dict(checkpoint["preprocessing"])
     source = checkpoint_data(checkpoint, args.data, log)  # the VQ-VAE's own splits
+    if args.classes:
+        source = source.only_classes(args.classes)
+        log(source.notes[-1])
     splits = {split: load_split(source, split, prep, args.cache_dir, min_side=vqvae.config.image_multiple, log=log)
               for split in ("train", "validate")}
     levels = {split: encode_split(vqvae, slices, device, args.cache_dir, log=log) for split, slices in splits.items()}
@@ -104,7 +109,7 @@ def prepare_codes(args: argparse.Namespace, device: torch.device, log: Callable[
     if checkpoint.get("data", {}).get("demo") and not args.resume:
         training.demo_sized(args, sys.argv[1:] if argv is None else argv, build_parser(), DEMO_SIZE, log)
     labelled = bool((splits["train"].labels >= 0).all())
-    conditional = not args.unconditional and bool(source.class_names) and labelled
+    conditional = not args.unconditional and len(source.class_names) > 1 and labelled  # one class: nothing to tell
     if source.class_names and not labelled and not args.unconditional:
         log("some training slices are not in a class folder: training an unconditional prior")
     shapes = [list(level.shape[1:]) for level in levels["train"]]

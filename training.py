@@ -15,6 +15,16 @@ import checkpoints
 import utils
 from sampling import unstack_levels
 
+# The CPU recipe (README, "On a CPU only"): the VQ-VAE and transformer-prior sizes that win in CPU minutes on 64x64
+# brain MRI, as the command-line flags the benchmarks train with.
+CPU_VQVAE_FLAGS = ("--image-size", "64", "--time-limit", "180", "--epochs", "100", "--hidden-channels", "64",
+                   "--residual-channels", "32")
+# The transformer at 300 s: 64 wide and 4 deep without dropout led 96x4, 128x4, 128x6, 192x3 and 96x6
+# (docs/RESULTS.md, "Sizing the transformer prior for a CPU budget").
+CPU_TRANSFORMER = {"width": 64, "depth": 4, "heads": 4, "dropout": 0.0}
+CPU_PRIOR_FLAGS = (*(item for name, value in CPU_TRANSFORMER.items() for item in (f"--{name}", str(value))),
+                   "--lr", "3e-3", "--time-limit", "600", "--epochs", "100")
+
 
 def add_run_arguments(parser: argparse.ArgumentParser, epochs: int, batch_size: int,
                       lr: float) -> argparse._ArgumentGroup:

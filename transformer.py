@@ -191,6 +191,38 @@ class TransformerPrior(_Transformer, CodePrior):
                guidance: float = 0.0) -> torch.Tensor:
         """Code maps [B, H, W] drawn in raster order, with a key-value cache: about one forward pass per map (two
         with guidance > 0, which moves each draw away from the class-free prediction: cond + w (cond - uncond))."""
+        return self._raster(batch_size, shape, labels, condition, guidance,
+                            lambda _, logits: draw_codes(logits, temperature, generator, top_k, top_p))
+
+    @torch.inference_mode()
+    def restore(self, codes: torch.Tensor, threshold: float, labels: torch.Tensor | None = None,
+                condition: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Code maps [B, H, W] with every code the prior finds unlikely replaced, in raster order: a code whose
+        probability, given the codes before it as restored so far, is below `threshold` is redrawn among the codes
+        whose probability is not (the "healed" map of Pinaya et al. 2022 and Naval Marimont and Tarroni's latent
+        spatial restoration). Returns the restored maps and bool [B, H, W]: which codes were replaced."""
+        flat = codes.flatten(1)
+        replaced = torch.zeros_like(flat, dtype=torch.bool)
+
+        def keep_or_redraw(position: int, logits: torch.Tensor) -> torch.Tensor:
+            probabilities = logits.float().softmax(dim=1)
+            current = flat[:, position]
+            unlikely = probabilities.gather(1, current[:, None])[:, 0] < threshold
+            replaced[:, position] = unlikely
+            if not bool(unlikely.any()):  # most positions: nothing to draw
+                return current
+            rare = (probabilities < threshold) & (probabilities < probabilities.amax(dim=1, keepdim=True))
+            redrawn = draw_codes(logits.masked_fill(rare, -math.inf), 1.0, generator)
+            return torch.where(unlikely, redrawn, current)
+
+        restored = self._raster(len(codes), tuple(codes.shape[1:]), labels, condition, 0.0, keep_or_redraw)
+        return restored, replaced.view_as(codes)
+
+    def _raster(self, batch_size: int, shape: tuple[int, int], labels: torch.Tensor | None,
+                condition: torch.Tensor | None, guidance: float, choose) -> torch.Tensor:
+        """Code maps [B, H, W] chosen one position at a time in raster order, each new code costing one position's
+        pass through the blocks (their keys and values are cached): choose(position, logits [B, K]) -> codes [B]."""
         device = self.token.weight.device
         labels = self.guided_labels(labels, guidance)
         rows = batch_size if labels is None else len(labels)
@@ -211,7 +243,7 @@ class TransformerPrior(_Transformer, CodePrior):
             for block, cache in zip(self.blocks, caches):
                 hidden = block.step(hidden, cache, position)
             logits = self.guide(self.head(self.norm(hidden[:, 0])), guidance, batch_size)
-            codes[:, position] = draw_codes(logits, temperature, generator, top_k, top_p)
+            codes[:, position] = choose(position, logits)
             hidden = self.token(codes[:, position].repeat(rows // batch_size))
         return codes.view(batch_size, *shape)
 

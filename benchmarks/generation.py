@@ -44,6 +44,7 @@ import checkpoints  # noqa: E402
 import figures  # noqa: E402
 import metrics  # noqa: E402
 import training  # noqa: E402
+from training import CPU_TRANSFORMER, CPU_VQVAE_FLAGS  # noqa: E402
 import utils  # noqa: E402
 from codes import code_loader, encode_split, prior_evaluation_loaders  # noqa: E402
 from dataset import SliceSet, load_split  # noqa: E402
@@ -53,11 +54,6 @@ from readers import Preprocessing  # noqa: E402
 from sampling import CodePrior, PriorObjective, draw_codes, stack_levels  # noqa: E402
 from transformer import TransformerConfig  # noqa: E402
 
-CPU_RECIPE = ["--image-size", "64", "--time-limit", "180", "--epochs", "100", "--hidden-channels", "64",
-              "--residual-channels", "32"]
-# The transformers at the CPU recipe's size: at 300 s, 64 wide and 4 deep without dropout led 96x4, 128x4, 128x6,
-# 192x3 and 96x6 (docs/RESULTS.md, "Sizing the transformer for a CPU budget").
-CPU_TRANSFORMER = {"width": 64, "depth": 4, "heads": 4, "dropout": 0.0}
 PRIORS = {  # name -> (kind, config values besides the data's)
     "transformer": ("transformer", CPU_TRANSFORMER),
     "masked": ("masked", CPU_TRANSFORMER),
@@ -295,9 +291,9 @@ def prepare(args: argparse.Namespace, device: torch.device):
     if args.vqvae is None:
         args.vqvae = str(Path(args.out) / "vqvae.pth")
         if not Path(args.vqvae).exists():
-            command = [sys.executable, str(ROOT / "train.py"), "--data", args.data, *CPU_RECIPE, *args.vqvae_flags,
-                       "--run-name", "vqvae", "--checkpoint-dir", args.out, "--resources-dir", args.out,
-                       "--cache-dir", args.cache_dir]
+            command = [sys.executable, str(ROOT / "train.py"), "--data", args.data, *CPU_VQVAE_FLAGS,
+                       *args.vqvae_flags, "--run-name", "vqvae", "--checkpoint-dir", args.out, "--resources-dir",
+                       args.out, "--cache-dir", args.cache_dir]
             if subprocess.run(command, check=False).returncode:
                 raise utils.UsageError("training the VQ-VAE failed (its message is above)")
     vqvae, checkpoint = checkpoints.load_vqvae(args.vqvae, device)

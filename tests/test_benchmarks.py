@@ -116,3 +116,28 @@ def test_the_generation_benchmark_scores_each_prior_and_rescores_kept_ones(tmp_p
     again = json.loads((out / "generation.json").read_text())
     assert again["transformer"]["steps"] == rows["transformer"]["steps"]  # scored again, not trained again
     assert again["settings"]["guidance"] == 2 and again["transformer"]["images"] == 6
+
+
+def test_the_anomaly_benchmark_scores_every_method_kind_and_class(tmp_path: Path):
+    import json
+
+    data = tmp_path / "data"
+    for split, count in (("train", 8), ("validate", 4)):
+        for label, offset in (("normal", 0), ("tumour", 50)):
+            for index in range(count):
+                write_png(data / split / label / f"{index}.png", phantom_uint8(offset + index + 10 * len(split)))
+    vqvae = train.main(train_args(tmp_path, data, "--run-name", "vq", "--max-steps", "2"))["checkpoint"]
+    prior = train_prior.main(prior_args(tmp_path, vqvae, "--max-steps", "2", "--classes", "normal"))["checkpoint"]
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "anomaly.py"), "--data", str(data),
+                             "--normal-class", "normal", "--vqvae", vqvae, "--prior", prior, "--shares", "0.1",
+                             "--orderings", "1", "--timed", "6", "--out", str(out), "--cache-dir",
+                             str(tmp_path / "cache"), "--device", "cpu"], capture_output=True, text=True, timeout=600,
+                            check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((out / "anomaly.json").read_text())
+    assert set(report["synthetic"]["prior map (anomaly.py)"]) == {"all", "bright", "dark", "noise"}
+    assert 0 <= report["synthetic"]["residual |x - reconstruction|"]["all"]["pixel_auprc"] <= 1
+    assert [row.get("orderings") for row in report["sweep"]] == [None, 1] and set(report["real"]) == {"tumour"}
+    assert 0 < report["settings"]["threshold"] < 1 and report["sweep"][0]["redraw_share"] == 0.1
+    assert report["timing"]["slices"] == 6 and (out / "synthetic_examples.png").exists()

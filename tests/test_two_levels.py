@@ -13,6 +13,7 @@ from conftest import make_classes
 from test_end_to_end import train_args
 from test_prior import prior_args
 
+import anomaly
 import checkpoints
 import extract_features
 import predict
@@ -187,6 +188,12 @@ def test_two_level_train_predict_features_prior_sample(tmp_path: Path):
     assert sampled["nll_bits_per_image"] == pytest.approx(16 * sampled["nll_bits_per_code_top"]
                                                           + 64 * sampled["nll_bits_per_code_bottom"], rel=1e-4)
     assert (tmp_path / "res" / "pr2" / "samples_with_nearest.png").exists()
+    out = tmp_path / "anomaly"  # both levels' codes judged and healed
+    anomaly.main(["-m", prior["checkpoint"], "--out", str(out), "--resamplings", "1", "--threshold", "0.05",
+                  "--cache-dir", str(tmp_path / "cache"), "--resources-dir", str(tmp_path / "res")])
+    rows = utils.read_csv_rows(out / "scores.csv")
+    assert rows and max(float(row["codes_replaced"]) for row in rows) > 0
+    assert all(np.load(out / "maps" / Path(row["file"]).with_suffix(".npy")).shape == (32, 32) for row in rows)
 
 
 def test_a_two_level_run_resumes_exactly(hipmri_dir: Path, tmp_path: Path):
