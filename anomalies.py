@@ -12,13 +12,15 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from priors import level_priors
 from utils import Config, UsageError, option
 
 SCORES = ("map", "unlikely_bits", "bits")
 
 
-# The image turned so that raster order reads it from another corner, each turn its own inverse: a lesion judged
-# from several sides is healed in all of them, a normal code found odd from one side mostly in that one only.
+# The image flipped so that raster order reads it from another corner (mirrored, upside down, both), each flip its
+# own inverse: a lesion judged from several sides is healed in all of them, a normal code found odd from one side
+# mostly in that one only.
 ORDERINGS = {1: [()], 2: [(), (-1,)], 4: [(), (-1,), (-2,), (-2, -1)]}
 
 
@@ -30,8 +32,8 @@ class AnomalyConfig(Config):
     threshold: float = option(0.0, "a code is redrawn when the prior gives it a probability below this, given the "
                               "(healed) codes before it; 0: calibrated by --redraw-share")
     redraw_share: float = option(0.05, "with --threshold 0: the threshold is the probability below which this share "
-                                 "of the codes of normal slices falls (the prior's own validation slices: normal "
-                                 "anatomy by construction); higher: more codes redrawn")
+                                 "of the codes of the prior's own validation slices falls (normal anatomy, for a prior "
+                                 "trained with --classes NORMAL); healing in 4 orderings redraws about twice that")
     resamplings: int = option(2, "healed versions drawn per image and ordering; the map averages them")
     orderings: int = option(4, "raster orders the image is read in: 1, 2 (also mirrored, right to left) or 4 (also "
                             "upside down); each costs as much as the first", choices=tuple(ORDERINGS))
@@ -48,6 +50,8 @@ class AnomalyConfig(Config):
             raise UsageError(f"--redraw-share {self.redraw_share}: a share, between 0 and 1")
         if self.resamplings < 1:
             raise UsageError(f"--resamplings {self.resamplings}: at least 1")
+        if self.orderings not in ORDERINGS:
+            raise UsageError(f"--orderings {self.orderings}: one of {', '.join(map(str, ORDERINGS))}")
         if not 0 < self.top_share <= 1:
             raise UsageError(f"--top-share {self.top_share}: a share, above 0 and at most 1")
 
@@ -67,11 +71,28 @@ class Restoration:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def concatenate(parts: Sequence[Restoration]) -> Restoration:
+    """The Restorations of consecutive batches as one (the seconds of each stage summed)."""
+    return Restoration(torch.cat([part.images for part in parts]), torch.cat([part.reconstructions for part in parts]),
+                       torch.cat([part.healed for part in parts], dim=1),
+                       [torch.cat(level, dim=1) for level in zip(*(part.replaced for part in parts))],
+                       [torch.cat(level, dim=1) for level in zip(*(part.code_bits for part in parts))],
+                       parts[0].uniform_bits, add_seconds({}, *(part.seconds for part in parts)))
+
+
+def add_seconds(total: dict[str, float], *parts: dict[str, float]) -> dict[str, float]:
+    """`total` with each stage's seconds of `parts` added."""
+    for part in parts:
+        for stage, value in part.items():
+            total[stage] = total.get(stage, 0.0) + value
+    return total
+
+
 def check_prior(prior: torch.nn.Module, vqvae: torch.nn.Module) -> None:
     """A one-line refusal for what cannot be healed: volumes, and priors without a likelihood in raster order."""
     if vqvae.config.spatial_dims != 2:
         raise UsageError("anomaly maps are made for 2D slices; this VQ-VAE models 3D volumes")
-    levels = [prior.top, prior.bottom] if hasattr(prior, "top") else [prior]
+    levels = level_priors(prior)
     kind = type(levels[0]).__name__
     if not all(hasattr(level, "restore") for level in levels):
         raise UsageError(f"this prior is a {kind}: anomaly maps need the transformer prior's likelihood in raster "
@@ -123,8 +144,8 @@ def code_bits(prior: torch.nn.Module, levels: Sequence[torch.Tensor]) -> list[to
             for logits, codes in zip(prior.level_logits(levels, None), levels)]
 
 
-def _turned(tensor: torch.Tensor, flips: tuple[int, ...]) -> torch.Tensor:
-    """The last two axes flipped as `flips` says: the image as an ordering reads it, and back."""
+def _flipped(tensor: torch.Tensor, flips: tuple[int, ...]) -> torch.Tensor:
+    """The axes `flips` names (-1: left-right, -2: up-down) flipped: the image as an ordering reads it, and back."""
     return tensor.flip(flips) if flips else tensor
 
 
@@ -132,7 +153,7 @@ def _turned(tensor: torch.Tensor, flips: tuple[int, ...]) -> torch.Tensor:
 def restore(vqvae: torch.nn.Module, prior: torch.nn.Module, images: torch.Tensor, config: AnomalyConfig,
             generator: torch.Generator | None = None) -> Restoration:
     """Encode a batch, score its codes under the prior, and heal it `config.resamplings` times in each of
-    `config.orderings` raster orders (the image turned, its codes read in raster order, the result turned back)."""
+    `config.orderings` raster orders (the image flipped, its codes read in raster order, the result flipped back)."""
     if not config.threshold:
         raise ValueError("the threshold is 0: calibrate it first (calibrated_threshold)")
     seconds: dict[str, float] = {}
@@ -140,17 +161,17 @@ def restore(vqvae: torch.nn.Module, prior: torch.nn.Module, images: torch.Tensor
     healed, replaced, bits = [], [], []
     for flips in ORDERINGS[config.orderings]:
         with timer("encoding"):
-            levels = vqvae.code_maps(_turned(images, flips))
+            levels = vqvae.code_maps(_flipped(images, flips))
             if not flips:
                 reconstructions = vqvae.decode_code_maps(levels).float()
         with timer("prior"):
-            bits.append([_turned(level, flips) for level in code_bits(prior, levels)])
+            bits.append([_flipped(level, flips) for level in code_bits(prior, levels)])
         for _ in range(config.resamplings):
             with timer("resampling"):
                 restored, changed = prior.restore_levels(levels, config.threshold, None, generator)
             with timer("decoding"):
-                healed.append(_turned(vqvae.decode_code_maps(restored).float(), flips))
-            replaced.append([_turned(level, flips) for level in changed])
+                healed.append(_flipped(vqvae.decode_code_maps(restored).float(), flips))
+            replaced.append([_flipped(level, flips) for level in changed])
     return Restoration(images.float(), reconstructions, torch.stack(healed),
                        [torch.stack(level) for level in zip(*replaced)], [torch.stack(level) for level in zip(*bits)],
                        math.log2(vqvae.config.num_embeddings), seconds)

@@ -5,9 +5,10 @@ a pixel map per image at the file's own size, and the healed image (its unlikely
     python anomaly.py -m checkpoints/<run>-prior.pth --data DIR [--split test] --out OUT
 
 Writes OUT/scores.csv (one row per image: file, class, score and the scores behind it; written last), OUT/maps/
-(<file>.npy float32 maps at the file's size; <file>.nii.gz with the input's affine for NIfTI inputs), OUT/healed/
-(the healed images in the input's own format), OUT/anomaly.json (the settings and times), and figures in
-<resources-dir>/<prior>/: the top-scoring images (input | healed | map) and the scores' histogram per class.
+(<file>.npy: float32 maps at the file's size; for NIfTI inputs also <file>, the map with the input's affine),
+OUT/healed/ (the healed images in the input's own format), OUT/anomaly.json (the settings and times), and figures in
+<resources-dir>/<prior>/: the top-scoring images (input | healed | map) and the scores' histogram per class. A slice
+of a 3D volume adds .slice<i> to the names (i: its index along the slice axis) and fills the column 'slice'.
 """
 from __future__ import annotations
 
@@ -23,12 +24,14 @@ import torch
 import checkpoints
 import figures
 import utils
-from anomalies import AnomalyConfig, anomaly_maps, calibrated_threshold, check_prior, image_scores, restore
+from anomalies import AnomalyConfig, add_seconds, anomaly_maps, calibrated_threshold, check_prior, image_scores, \
+    restore
 from checkpoints import checkpoint_data, evaluation_slices
 from codes import encode_split
 from dataset import BatchLoader, load_split
 from modules import weights_fingerprint
 from outputs import FileOutputs, empty_folder
+from priors import level_priors
 from readers import Preprocessing
 from utils import UsageError
 
@@ -48,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "anomalies/<prior>-<split>)")
     scoring = parser.add_argument_group("scoring")
     utils.add_config_arguments(scoring, AnomalyConfig)
-    parser.add_argument("--examples", type=int, default=8, help="top-scoring images shown in the figure")
+    parser.add_argument("--examples", type=int, default=8, help="top-scoring images shown in the figure (0: no "
+                        "figures)")
     parser.add_argument("--batch-size", type=int, default=128, help="images scored at once (128: the fastest on 2 CPU "
                         "cores)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the redrawn codes")
@@ -63,8 +67,7 @@ def class_free(checkpoint: dict, prior: torch.nn.Module) -> None:
     """A class-conditional prior scores against its class-free likelihood (the images' classes are what is asked)."""
     if not checkpoint["conditional"]:
         return
-    level = prior.top if hasattr(prior, "top") else prior
-    if not level.config.class_dropout:
+    if not level_priors(prior)[0].config.class_dropout:
         raise UsageError(f"{checkpoint['run_name']}: a class-conditional prior trained without class dropout has no "
                          "class-free likelihood; train one on the normal class only (train_prior.py --classes NAME)")
     print("this prior is class-conditional: scoring against its class-free likelihood (a prior of the normal class "
@@ -116,6 +119,8 @@ class TopImages:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.examples < 0:
+        raise UsageError(f"--examples {args.examples}: 0 or more")
     config = utils.config_from_args(AnomalyConfig, args)
     device = utils.pick_device(args.device)
     prior, checkpoint, vqvae, vqvae_checkpoint = checkpoints.load_prior(args.model, device, args.vqvae)
@@ -126,15 +131,27 @@ def main(argv: list[str] | None = None) -> dict:
                                              vqvae.config.image_multiple)
     split = slices.name
     out = empty_folder(args.out or Path("anomalies") / f"{Path(args.model).stem}-{split}", "--out")
-    writer = FileOutputs(out, args.data, source.root, prep)
     print(f"scoring {len(slices)} {split} slices on {device}: codes below probability {config.threshold:.3g} redrawn, "
           f"{config.resamplings} healed version{'s' * (config.resamplings > 1)} in each of {config.orderings} "
           f"ordering{'s' * (config.orderings > 1)}")
+    began = time.perf_counter()
+    rows, top, seconds = score_split(args, config, vqvae, prior, slices, FileOutputs(out, args.data, source.root,
+                                                                                     prep), device)
+    report = summarise(args, config, checkpoint, prior, split, rows, seconds, time.perf_counter() - began, device)
+    utils.write_json(out / "anomaly.json", report)
+    utils.write_csv_rows(out / "scores.csv", rows)  # last: a folder with scores.csv holds a finished run
+    if args.examples:
+        draw(args, split, rows, top)
+    return {**report, "out": str(out)}
 
+
+def score_split(args: argparse.Namespace, config: AnomalyConfig, vqvae, prior: torch.nn.Module, slices,
+                writer: FileOutputs, device: torch.device) -> tuple[list[dict], TopImages, dict[str, float]]:
+    """Score every slice, batch by batch, writing its map and healed image as each batch is done: the rows of
+    scores.csv, the highest-scoring images, and the seconds of each stage."""
     rows, top, seconds = [], TopImages(args.examples), {}
     generator = torch.Generator(device=device).manual_seed(args.seed)
     loader = BatchLoader(slices.images, slices.labels, args.batch_size, shuffle=False, device=device)
-    began = time.perf_counter()
     for index, (images, _) in enumerate(utils.progress_bar(loader, desc="scoring", unit="batch")):
         restoration = restore(vqvae, prior, images, config, generator)
         maps = anomaly_maps(restoration, config)
@@ -142,23 +159,16 @@ def main(argv: list[str] | None = None) -> dict:
         written = time.perf_counter()
         for offset in range(len(images)):
             item = index * args.batch_size + offset
-            source_name = slices.sources[item]
-            name = str(writer.relative(source_name))
-            label = int(slices.labels[item])
-            rows.append({"file": name, "class": slices.class_names[label] if label >= 0 else "",
+            source, label = slices.sources[item], int(slices.labels[item])
+            name, slice_index = str(writer.relative(source)), writer.origin(source).slice_index
+            rows.append({"file": name, "slice": "" if slice_index is None else slice_index,
+                         "class": slices.class_names[label] if label >= 0 else "",
                          **{column: scores[column][offset] for column in COLUMNS}})
-            writer.write_map("maps", source_name, maps[offset])
-            writer.write_image("healed", source_name, restoration.healed[0, offset])
+            writer.write_map("maps", source, maps[offset])
+            writer.write_image("healed", source, restoration.healed[0, offset])
             top.offer(scores["score"][offset], item, name, images[offset], restoration.healed[0, offset], maps[offset])
-        for stage, value in restoration.seconds.items():
-            seconds[stage] = seconds.get(stage, 0.0) + value
-        seconds["writing"] = seconds.get("writing", 0.0) + time.perf_counter() - written
-    total = time.perf_counter() - began
-    report = summarise(args, config, checkpoint, prior, split, rows, seconds, total, device)
-    utils.write_json(out / "anomaly.json", report)
-    utils.write_csv_rows(out / "scores.csv", rows)  # last: a folder with scores.csv holds a finished run
-    draw(args, split, rows, top)
-    return {**report, "out": str(out)}
+        add_seconds(seconds, restoration.seconds, {"writing": time.perf_counter() - written})
+    return rows, top, seconds
 
 
 def summarise(args: argparse.Namespace, config: AnomalyConfig, checkpoint: dict, prior: torch.nn.Module, split: str,

@@ -37,6 +37,7 @@ def add_lesion(image: torch.Tensor, kind: str, seed: int, radii: tuple[float, fl
     pixels it changed by more than 0.05. The ellipse's radii are drawn from `radii`, as shares of the shorter side
     (by default 6% to 15%: a tumour of 2 to 5 cm across in a head of 17 cm); bright blobs take an intensity of 0.8
     to 1, dark ones 0 to 0.1, noise patches uniform noise."""
+    device, image = image.device, image.cpu()  # drawn on the CPU from its seed: the same lesion on any device
     generator = torch.Generator().manual_seed(seed)
 
     def uniform(low: float, high: float) -> float:
@@ -61,4 +62,4 @@ def add_lesion(image: torch.Tensor, kind: str, seed: int, radii: tuple[float, fl
         raise ValueError(f"unknown lesion kind {kind!r}; the kinds are {', '.join(KINDS)}")
     lesioned = image.float() * (1 - blob) + fill * blob
     changed = (lesioned - image.float()).abs().amax(dim=0) > 0.05
-    return lesioned.clamp(0, 1), changed & (blob > 0.5)
+    return lesioned.clamp(0, 1).to(device), (changed & (blob > 0.5)).to(device)

@@ -86,9 +86,13 @@ def build_prior(configs: Sequence) -> CodePrior | HierarchicalPrior:
     return models[0] if len(models) == 1 else HierarchicalPrior(*models)
 
 
+def level_priors(prior: nn.Module) -> list[nn.Module]:
+    """The prior of each level: the top's and the bottom's of a HierarchicalPrior, or the prior itself."""
+    return [prior.top, prior.bottom] if isinstance(prior, HierarchicalPrior) else [prior]
+
+
 def sampling_options(prior: nn.Module, **options) -> dict:
     """Of the sampling options given, those the prior's sample() takes (guidance: the transformers; steps: the masked
     prior), so that callers pass every option and no kind is named."""
-    level = prior.top if isinstance(prior, HierarchicalPrior) else prior
-    accepted = inspect.signature(level.sample).parameters
+    accepted = inspect.signature(level_priors(prior)[0].sample).parameters
     return {name: value for name, value in options.items() if name in accepted}

@@ -7,7 +7,7 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -68,7 +68,20 @@ def _scale_robust(array: np.ndarray, percentiles: tuple[float, float]) -> np.nda
     return np.clip((array - low) / (high - low), 0, 1)
 
 
-def _read_nifti(path: Path, prep: Preprocessing) -> list[tuple[np.ndarray, bool]]:
+class RawSlice(NamedTuple):
+    """A 2D slice as read: its values, whether they are 8-bit data, and its index along the slice axis when it was
+    cut from a 3D volume (None for a 2D file)."""
+
+    array: np.ndarray
+    eight_bit: bool
+    index: int | None = None
+
+
+def _usable(array: np.ndarray) -> bool:
+    return bool(np.isfinite(array).all() and array.max() > array.min())
+
+
+def _read_nifti(path: Path, prep: Preprocessing) -> list[RawSlice]:
     import nibabel as nib
 
     image = nib.load(str(path))
@@ -77,32 +90,32 @@ def _read_nifti(path: Path, prep: Preprocessing) -> list[tuple[np.ndarray, bool]
     while volume.ndim > 2 and volume.shape[-1] == 1:
         volume = volume[..., 0]
     if volume.ndim == 2:
-        return [(volume, eight_bit)]
+        return [RawSlice(volume, eight_bit)]
     if volume.ndim != 3:
         raise BadFile(f"has {volume.ndim} dimensions {volume.shape}; expected a 2D slice or a 3D volume")
     if not -3 <= prep.slice_axis < 3:
         raise UsageError(f"--slice-axis {prep.slice_axis} is out of range for 3D volume {path}")
     slices = np.moveaxis(volume, prep.slice_axis, 0)
-    kept = [(s, eight_bit) for s in slices if np.isfinite(s).all() and s.max() > s.min()]
+    kept = [RawSlice(array, eight_bit, index) for index, array in enumerate(slices) if _usable(array)]
     if not kept:
         raise BadFile("is a 3D volume whose slices are all empty or constant")
     return kept
 
 
-def _read_picture(path: Path, prep: Preprocessing) -> list[tuple[np.ndarray, bool]]:
+def _read_picture(path: Path, prep: Preprocessing) -> list[RawSlice]:
     from PIL import Image
 
     with Image.open(path) as image:
         image.load()
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             array = np.asarray(image, dtype=np.float32)
-            return [(np.repeat(array[..., None], 3, axis=-1) if prep.channels == 3 else array, False)]
+            return [RawSlice(np.repeat(array[..., None], 3, axis=-1) if prep.channels == 3 else array, False)]
         converted = image.convert("RGB" if prep.channels == 3 else "L")
-        return [(np.asarray(converted, dtype=np.float32), True)]
+        return [RawSlice(np.asarray(converted, dtype=np.float32), True)]
 
 
-def _raw_slices(path: Path, prep: Preprocessing) -> list[tuple[np.ndarray, bool]]:
-    """A file's 2D slices as read, each with whether it is 8-bit data. Raises BadFile."""
+def _raw_slices(path: Path, prep: Preprocessing) -> list[RawSlice]:
+    """A file's 2D slices as read. Raises BadFile."""
     reader = _read_nifti if path.name.lower().endswith(NIFTI_SUFFIXES) else _read_picture
     try:
         return reader(path, prep)
@@ -116,7 +129,7 @@ def read_slices(path: Path, prep: Preprocessing) -> list[np.ndarray]:
     """The 2D slices of one file as float32 [C, H, W] arrays in [0, 1], before resizing. Raises BadFile."""
     raw_slices = _raw_slices(path, prep)
     slices = []
-    for array, eight_bit in raw_slices:
+    for array, eight_bit, _ in raw_slices:
         if not np.isfinite(array).all():
             raise BadFile("contains NaN or infinite pixel values")
         if array.max() == array.min():
@@ -184,27 +197,74 @@ def unfit_from_shape(image: torch.Tensor, original: Sequence[int], mode: str = "
 class SliceOrigin:
     """What it takes to give an array at the network's size back in a file's own terms: the slice's shape as read
     (a NIfTI's array axes, a picture's rows and columns), the intensities that became 0 and 1 (None: 8-bit data,
-    divided by 255), and for NIfTI files the affine and the shape the data is stored in."""
+    divided by 255), and for NIfTI files the stored shape, affine and header, and for a slice of a volume its index
+    along the slice axis."""
 
     shape: tuple[int, int]
     intensity_range: tuple[float, float] | None
     affine: np.ndarray | None = None
     stored_shape: tuple[int, ...] | None = None
+    header: object | None = None  # nibabel's header of the file: its units and orientation codes
+    slice_index: int | None = None
+    slice_axis: int = 2
+
+    def placed(self, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A 2D array [shape] laid out as the file stores its slice, with the affine that puts it where the slice is:
+        the file's own shape and affine, or for a slice of a volume one slice thick along the slice axis, its affine
+        moved to that slice."""
+        if self.slice_index is None:
+            return array.reshape(self.stored_shape), self.affine
+        shift = np.eye(4)
+        shift[self.slice_axis, 3] = self.slice_index
+        return np.expand_dims(array, self.slice_axis), self.affine @ shift
 
 
 def slice_origins(path: Path, prep: Preprocessing) -> list[SliceOrigin]:
     """The origin of each slice preprocess_file gives for a 2D run, in the same order. Raises BadFile."""
-    affine, stored_shape = None, None
+    nifti = {}
     if path.name.lower().endswith(NIFTI_SUFFIXES):
         import nibabel as nib
 
-        header = nib.load(str(path))
-        affine, stored_shape = np.asarray(header.affine, dtype=np.float64), tuple(header.shape)
-    origins = []
-    for array, eight_bit in _raw_slices(path, prep):
-        intensity = None if eight_bit else robust_range(array, prep.percentiles)
-        origins.append(SliceOrigin(tuple(array.shape[:2]), intensity, affine, stored_shape))
-    return origins
+        image = nib.load(str(path))
+        nifti = {"affine": np.asarray(image.affine, dtype=np.float64), "stored_shape": tuple(image.shape),
+                 "header": image.header, "slice_axis": prep.slice_axis % 3}
+    return [SliceOrigin(tuple(raw.array.shape[:2]),
+                        None if raw.eight_bit else robust_range(raw.array, prep.percentiles),
+                        slice_index=raw.index, **nifti) for raw in _raw_slices(path, prep)]
+
+
+def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray, header=None) -> None:
+    """An array as a NIfTI file (.nii or .nii.gz, by its name), written whole; with a source file's header (its
+    units and orientation codes) when given, its data type and scaling set for this array."""
+    import nibabel as nib
+
+    if header is not None:
+        header = header.copy()
+        header.set_data_dtype(array.dtype)
+        header.set_slope_inter(None, None)
+    image = nib.Nifti1Image(array, affine, header)
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
+
+    def write(tmp: str) -> None:  # nibabel compresses by the name it writes: the temporary file gets the real suffix
+        named = tmp + suffix
+        try:
+            nib.save(image, named)
+            os.replace(named, tmp)
+        finally:
+            if os.path.exists(named):
+                os.remove(named)
+
+    atomic_write(path, write)
+
+
+def save_picture(path: Path, array: np.ndarray) -> None:
+    """An array [H, W] or [H, W, 3] (uint8, or uint16 for 16-bit pictures) as a picture in the format its suffix
+    names (PNG when the suffix names none), written whole."""
+    from PIL import Image
+
+    picture = Image.fromarray(array)
+    file_format = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    atomic_write(path, lambda tmp: picture.save(tmp, format=file_format))
 
 
 def slice_shape(path: Path, slice_axis: int) -> tuple[int, int] | None:
@@ -351,14 +411,8 @@ def write_image(path: Path, image: torch.Tensor) -> None:
     read_slices gives back as it was (8-bit data is divided by 255)."""
     array = np.round(image.detach().float().clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
     if path.name.lower().endswith(NIFTI_SUFFIXES):
-        import nibabel as nib
-
         if array.shape[0] != 1:
             raise ValueError(f"a NIfTI slice has one channel, this image has {array.shape[0]}")
-        encoded = nib.Nifti1Image(array[0], np.eye(4))
-        atomic_write(path, lambda tmp: nib.save(encoded, tmp + ".nii.gz") or os.replace(tmp + ".nii.gz", tmp))
+        save_nifti(path, array[0], np.eye(4))
         return
-    from PIL import Image
-
-    picture = Image.fromarray(array[0] if array.shape[0] == 1 else np.transpose(array, (1, 2, 0)))
-    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+    save_picture(path, array[0] if array.shape[0] == 1 else np.transpose(array, (1, 2, 0)))

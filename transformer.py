@@ -210,7 +210,9 @@ class TransformerPrior(_Transformer, CodePrior):
             current = flat[:, position]
             unlikely = probabilities.gather(1, current[:, None])[:, 0] < threshold
             replaced[:, position] = unlikely
-            if not bool(unlikely.any()):  # most positions: nothing to draw
+            # Most positions have nothing to redraw: skip the draw, on a CPU only (asking a GPU would make the CPU
+            # wait for it at every position).
+            if current.device.type == "cpu" and not bool(unlikely.any()):
                 return current
             rare = (probabilities < threshold) & (probabilities < probabilities.amax(dim=1, keepdim=True))
             redrawn = draw_codes(logits.masked_fill(rare, -math.inf), 1.0, generator)

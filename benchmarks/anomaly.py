@@ -111,18 +111,9 @@ class Scorer:
 
     def __call__(self, images: torch.Tensor, config: AnomalyConfig) -> anomalies.Restoration:
         generator = torch.Generator(device=images.device).manual_seed(self.seed)
-        parts = [anomalies.restore(self.vqvae, self.prior, images[start:start + self.batch_size], config, generator)
-                 for start in range(0, len(images), self.batch_size)]
-        seconds: dict[str, float] = {}
-        for part in parts:
-            for stage, value in part.seconds.items():
-                seconds[stage] = seconds.get(stage, 0.0) + value
-        return anomalies.Restoration(
-            torch.cat([part.images for part in parts]), torch.cat([part.reconstructions for part in parts]),
-            torch.cat([part.healed for part in parts], dim=1),
-            [torch.cat(level, dim=1) for level in zip(*(part.replaced for part in parts))],
-            [torch.cat(level, dim=1) for level in zip(*(part.code_bits for part in parts))], parts[0].uniform_bits,
-            seconds)
+        return anomalies.concatenate([anomalies.restore(self.vqvae, self.prior, images[start:start + self.batch_size],
+                                                        config, generator)
+                                      for start in range(0, len(images), self.batch_size)])
 
 
 def method_maps(restoration: anomalies.Restoration, config: AnomalyConfig) -> dict[str, tuple]:

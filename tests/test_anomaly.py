@@ -113,7 +113,7 @@ def test_blobs_score_higher_and_their_maps_peak_inside_them(normal_model: dict, 
         assert float(blob["unlikely_bits"]) > float(clean["unlikely_bits"])
         assert blob["class"] == "blob" and clean["class"] == "clean"
     for name, mask in normal_model["masks"].items():
-        values = np.load(out / "maps" / name.replace(".nii.gz", ".npy"))
+        values = np.load(out / "maps" / f"{name}.npy")
         assert values.shape == SHAPE and values.dtype == np.float32
         assert mask[np.unravel_index(values.argmax(), values.shape)], f"the map of {name} peaks outside the blob"
     assert (normal_model["root"] / "res" / "normal" / "anomaly_test_top.png").exists()
@@ -133,14 +133,14 @@ def test_maps_and_healed_slices_have_the_file_s_size_affine_and_intensities(norm
     run_anomaly({**normal_model, "scans": data}, out, "--resamplings", "1")
     saved_map = nib.load(str(out / "maps" / "scan.nii.gz"))
     np.testing.assert_allclose(saved_map.affine, affine)
-    assert saved_map.shape == (40, 24, 1)
-    np.testing.assert_allclose(np.asarray(saved_map.dataobj)[..., 0], np.load(out / "maps" / "scan.npy"))
+    assert saved_map.shape == (40, 24, 1) and saved_map.header.get_data_dtype() == np.float32
+    np.testing.assert_allclose(np.asarray(saved_map.dataobj)[..., 0], np.load(out / "maps" / "scan.nii.gz.npy"))
     healed = nib.load(str(out / "healed" / "scan.nii.gz"))
     assert healed.shape == (40, 24, 1) and np.allclose(healed.affine, affine)
     low, high = np.percentile(image, (0.5, 99.5))
     assert low - 1e-3 <= float(np.asarray(healed.dataobj).min()) and float(np.asarray(healed.dataobj).max()) <= high + 1
     assert float(np.asarray(healed.dataobj).max()) > low + 0.5 * (high - low)  # in the input's units, not [0, 1]
-    assert np.load(out / "maps" / "picture.npy").shape == (20, 50)
+    assert np.load(out / "maps" / "picture.png.npy").shape == (20, 50)
     from PIL import Image
 
     with Image.open(out / "healed" / "picture.png") as picture:
@@ -152,7 +152,8 @@ def test_a_folder_holding_only_a_test_split_is_scored(normal_model: dict, tmp_pa
     data = tmp_path / "study"
     for index in range(2):
         write_nifti(data / "test" / f"case_{index}.nii.gz", smooth_head(800 + index))
-    report = run_anomaly({**normal_model, "scans": data}, tmp_path / "out", "--resamplings", "1", "--orderings", "1")
+    report = run_anomaly({**normal_model, "scans": data}, tmp_path / "out", "--resamplings", "1", "--orderings", "1",
+                         "--examples", "0")  # and no figure
     assert report["split"] == "test" and set(read_scores(tmp_path / "out")) == {"test/case_0.nii.gz",
                                                                                   "test/case_1.nii.gz"}
 
@@ -170,6 +171,8 @@ def test_bad_input_gets_one_line(normal_model: dict, tmp_path: Path, capsys):
         run_anomaly({**normal_model, "scans": data}, tmp_path / "new", "--threshold", "1.5")
     with pytest.raises(utils.UsageError, match="is a vqvae checkpoint, but a prior checkpoint is needed"):
         anomaly.main(["-m", normal_model["vqvae"], "--out", str(tmp_path / "other")])
+    with pytest.raises(utils.UsageError, match="--examples -1: 0 or more"):
+        run_anomaly({**normal_model, "scans": data}, tmp_path / "new", "--examples", "-1")
 
 
 def test_priors_without_a_raster_likelihood_are_refused(normal_model: dict, tmp_path: Path):
@@ -326,14 +329,65 @@ def test_unfitting_puts_every_pixel_back_where_it_came_from(mode: str, original:
         assert np.abs(restored[0][middle] - image[0][middle]).mean() < 0.02
 
 
-def test_outputs_are_named_after_their_inputs(tmp_path: Path):
-    (tmp_path / "data").mkdir()
-    writer = FileOutputs(tmp_path / "out", str(tmp_path / "data"), tmp_path, Preprocessing(image_size=(8, 8)))
-    assert writer.relative(str(tmp_path / "data" / "a" / "b.nii.gz")) == Path("a/b.nii.gz")
-    assert writer._target("maps", str(tmp_path / "data" / "a" / "b.nii.gz"), ".npy") == tmp_path / "out/maps/a/b.npy"
-    assert writer._target("maps", str(tmp_path / "data" / "v.nii") + ":3", ".npy") == tmp_path / "out/maps/v.slice3.npy"
+def test_outputs_are_named_after_their_inputs_and_never_overwrite_each_other(tmp_path: Path):
+    data = tmp_path / "data"
+    for folder in ("yes", "no"):  # the same file name in two folders, and two files differing only by their suffix
+        write_png(data / folder / "1.png", phantom_png(1))
+    write_png(data / "no" / "1.jpg", phantom_png(2))
+    linked = tmp_path / "linked"  # a data folder of links, as some clusters lay data out
+    (linked / "yes").mkdir(parents=True)
+    (linked / "yes" / "1.png").symlink_to(data / "yes" / "1.png")
+    writer = FileOutputs(tmp_path / "out", str(data), data, Preprocessing(image_size=(8, 8)))
+    names = {writer.write_map("maps", str(data / folder / name), torch.zeros(8, 8))
+             for folder, name in (("yes", "1.png"), ("no", "1.png"), ("no", "1.jpg"))}
+    assert names == {tmp_path / "out" / "maps" / name for name in ("yes/1.png.npy", "no/1.png.npy", "no/1.jpg.npy")}
+    with pytest.raises(utils.UsageError, match="another input already wrote"):
+        writer.write_map("maps", str(data / "yes" / "1.png"), torch.zeros(8, 8))
+    links = FileOutputs(tmp_path / "out2", str(linked), linked, Preprocessing(image_size=(8, 8)))
+    assert links.relative(str(linked / "yes" / "1.png")) == Path("yes/1.png")
+    assert links.relative("/elsewhere/one.png") == Path("one.png")
     assert source_file("/x/scan.nii.gz:12") == (Path("/x/scan.nii.gz"), 12)
-    assert writer.relative("/elsewhere/one.png") == Path("one.png")
+
+
+def phantom_png(seed: int, shape=(12, 10)) -> np.ndarray:
+    return np.round(255 * smooth_head(seed, shape) / 1100).astype(np.uint8)
+
+
+def test_a_volume_s_slices_come_back_where_they_were_in_it(tmp_path: Path):
+    import nibabel as nib
+
+    volume = np.zeros((12, 10, 6), np.float32)  # slices 0 and 5 are empty: the loader skips them
+    for index in range(1, 5):
+        volume[..., index] = smooth_head(index, (12, 10))
+    affine = np.diag([0.9, 0.8, 3.0, 1.0])
+    write_nifti(tmp_path / "data" / "v.nii.gz", volume, affine)
+    writer = FileOutputs(tmp_path / "out", str(tmp_path / "data"), tmp_path, Preprocessing(image_size=(8, 8)))
+    source = str(tmp_path / "data" / "v.nii.gz") + ":0"  # the first slice the loader kept: slice 1 of the volume
+    writer.write_map("maps", source, torch.ones(8, 8))
+    written = nib.load(str(tmp_path / "out" / "maps" / "v.slice1.nii.gz"))
+    assert written.shape == (12, 10, 1) and (tmp_path / "out" / "maps" / "v.nii.gz.slice1.npy").exists()
+    np.testing.assert_allclose(written.affine, affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1],
+                                                                  [0, 0, 0, 1.0]]))
+    healed = writer.write_image("healed", str(tmp_path / "data" / "v.nii.gz") + ":3", torch.full((1, 8, 8), 0.5))
+    assert healed.name == "v.slice4.nii.gz" and nib.load(str(healed)).shape == (12, 10, 1)
+
+
+def test_a_16_bit_picture_comes_back_16_bit_in_its_own_range(tmp_path: Path):
+    from PIL import Image
+
+    values = (np.arange(16 * 12).reshape(16, 12) * 40 + 1000).astype(np.uint16)
+    path = tmp_path / "data" / "x.png"
+    path.parent.mkdir()
+    Image.fromarray(values).save(path)
+    prep = Preprocessing(image_size=(16, 12))
+    writer = FileOutputs(tmp_path / "out", str(tmp_path / "data"), tmp_path, prep)
+    written = writer.write_image("healed", str(path), torch.from_numpy(read_slices(path, prep)[0]))
+    with Image.open(written) as picture:
+        back = np.asarray(picture)
+    assert back.dtype == np.uint16 and picture.size == (12, 16)
+    low, high = np.percentile(values, (0.5, 99.5))
+    inside = (values > low) & (values < high)
+    assert np.abs(back.astype(float) - values)[inside].max() <= 1
 
 
 def test_a_file_read_back_is_what_was_written(tmp_path: Path):
