@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
+from classifier import Classifier, ClassifierConfig
 from dataset import DataSource, SliceSet, dataset_folders, find_data, list_images, load_split
 from demo import make_demo_data
 from modules import VQVAE, VQVAE2, VQVAEConfig, build_vqvae, weights_fingerprint
@@ -65,6 +66,13 @@ def load_vqvae(path: str | os.PathLike, device: torch.device, checkpoint: dict |
     return model.to(device).eval(), checkpoint
 
 
+def load_classifier(path: str | os.PathLike, device: torch.device) -> tuple[Classifier, dict]:
+    """Rebuild a classifier (finetune.py) from its checkpoint alone."""
+    checkpoint = load_checkpoint(path, expected_kind="classifier")
+    model = _rebuild(path, lambda: Classifier(ClassifierConfig.from_dict(checkpoint["config"])), checkpoint["model"])
+    return model.to(device).eval(), checkpoint
+
+
 def load_prior(path: str | os.PathLike, device: torch.device, vqvae_path: str | None = None,
                checkpoint: dict | None = None) -> tuple[torch.nn.Module, dict, VQVAE | VQVAE2, dict]:
     """The prior, its checkpoint, and its VQ-VAE with its checkpoint, refusing a VQ-VAE whose codes differ."""
@@ -118,6 +126,21 @@ def evaluation_slices(checkpoint: dict, data: str | None, split: str, cache_dir:
         log(note)
     slices = load_split(source, source.evaluated_split(split, log), prep, cache_dir, min_side=min_side, log=log)
     return source, slices, prep
+
+
+def labelled_splits(checkpoint: dict, data: str | None, splits: Sequence[str], cache_dir: str | os.PathLike,
+                    log: Log = print) -> dict[str, SliceSet]:
+    """The splits a classifier trains and is tested on, of the checkpoint's data (or `data`), decoded with its
+    preprocessing; refusing a folder whose images are not all in class folders, or that lacks a split."""
+    source = checkpoint_data(checkpoint, data, log)
+    names = source.class_names
+    prep = Preprocessing.from_dict(checkpoint["preprocessing"])
+    min_side = VQVAEConfig.from_dict(checkpoint["config"]).image_multiple  # the cache the other jobs use
+    loaded = {split: load_split(source, split, prep, cache_dir, min_side, log) for split in splits}
+    if len(names) < 2 or any(bool((slices.labels < 0).any()) for slices in loaded.values()):
+        raise UsageError(f"{source.root}: a classifier needs every image in a class folder, and two classes or more "
+                         "(train/<class>/*.png)")
+    return loaded
 
 
 def data_dir_of(checkpoint: dict, override: str | None = None, log: Log = print) -> Path:

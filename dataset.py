@@ -413,6 +413,24 @@ def _build_cache(source: DataSource, split: str, files: Sequence[tuple[Path, str
     atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index)))  # written last: vouches for both
 
 
+# ----------------------------------------------------------------------------- labels
+
+def balanced_subset(labels: torch.Tensor, percent: float, class_names: list[str], seed: int) -> torch.Tensor:
+    """Indices of `percent`% of each class's examples, chosen with a fixed seed."""
+    if not 0 < percent <= 100:
+        raise UsageError(f"{percent:g}% of the labels: a percentage above 0 and at most 100")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for class_id, name in enumerate(class_names):
+        members = torch.nonzero(labels == class_id).flatten()
+        count = round(len(members) * percent / 100)
+        if count < 1:
+            raise UsageError(f"class '{name}' has {len(members)} training slices: {percent:g}% of them is less than "
+                             "one; use a larger share of the labels or more data")
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    return torch.cat(chosen)
+
+
 # ----------------------------------------------------------------------------- batches
 
 def unit_float(images: torch.Tensor) -> torch.Tensor:

@@ -283,23 +283,28 @@ def save_rate_distortion(path: str | os.PathLike, points: list[dict]) -> None:
 
 def save_probe_figure(path: str | os.PathLike, fractions: Sequence[float],
                       curves: dict[str, tuple[Sequence[float], Sequence[float], bool]],
-                      classes: dict[str, torch.Tensor], split: str, projected_set: str) -> None:
-    """Linear-probe accuracy against the share of labels used (curves: name -> (means, standard deviations, is a
-    baseline)), beside the features of each class projected to 2D (classes: name -> points [N, 2])."""
+                      classes: dict[str, torch.Tensor], split: str, projected_set: str,
+                      title: str = "linear probe: mean and standard deviation over label draws") -> None:
+    """Accuracy against the share of labels used (curves: name -> (means, standard deviations, is a baseline)),
+    beside the features of each class projected to 2D (classes: name -> points [N, 2]; none: no second panel)."""
     plt = pyplot()
-    fig, (accuracy_axis, pca_axis) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    fig, axes = plt.subplots(1, 2 if classes else 1, figsize=(11 if classes else 6, 4.2), layout="constrained",
+                             squeeze=False)
+    accuracy_axis = axes[0, 0]
     for name, (means, stds, baseline) in curves.items():
         accuracy_axis.errorbar(fractions, means, yerr=stds, marker="o", markersize=3, capsize=3,
                                linestyle="--" if baseline else "-", label=name)
     accuracy_axis.set_xscale("log")
     accuracy_axis.set_xlabel("% of training labels used")
     accuracy_axis.set_ylabel(f"accuracy on the {split} split")
-    accuracy_axis.set_title("linear probe: mean and standard deviation over label draws", fontsize=10)
+    accuracy_axis.set_title(title, fontsize=10)
     accuracy_axis.legend(fontsize=7)
     accuracy_axis.grid(alpha=0.3)
-    for name, points in classes.items():
-        points = points.numpy()
-        pca_axis.scatter(points[:, 0], points[:, 1], s=6, alpha=0.6, label=name)
-    pca_axis.set_title(f"PCA of the {projected_set} features ({split} split)", fontsize=10)
-    pca_axis.legend(fontsize=8, markerscale=2)
+    if classes:
+        pca_axis = axes[0, 1]
+        for name, points in classes.items():
+            points = points.numpy()
+            pca_axis.scatter(points[:, 0], points[:, 1], s=6, alpha=0.6, label=name)
+        pca_axis.set_title(f"PCA of the {projected_set} features ({split} split)", fontsize=10)
+        pca_axis.legend(fontsize=8, markerscale=2)
     save_figure(fig, path)

@@ -292,3 +292,16 @@ def best_dice(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]
     thresholds = scores.flatten().double().sort(descending=True).values
     ends = (true_positives + false_positives).long() - 1
     return float(dice[best]), float(thresholds[ends[best]])
+
+
+def balanced_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """The mean over classes of each class's recall (classes absent from `labels` left out)."""
+    recalls = [(predictions[labels == label] == label).float().mean().item() for label in range(num_classes)
+               if bool((labels == label).any())]
+    return sum(recalls) / len(recalls)
+
+
+def classification_scores(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy and balanced accuracy of predicted classes."""
+    return {"accuracy": (predictions == labels).float().mean().item(),
+            "balanced_accuracy": balanced_accuracy(predictions, labels, num_classes)}

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -24,6 +26,33 @@ CPU_VQVAE_FLAGS = ("--image-size", "64", "--time-limit", "180", "--epochs", "100
 CPU_TRANSFORMER = {"width": 64, "depth": 4, "heads": 4, "dropout": 0.0}
 CPU_PRIOR_FLAGS = (*(item for name, value in CPU_TRANSFORMER.items() for item in (f"--{name}", str(value))),
                    "--lr", "3e-3", "--time-limit", "600", "--epochs", "100")
+
+
+def run_job(script: str, arguments: list[str]) -> None:
+    """Run one of this repository's jobs (train.py, ...) in a fresh Python; its failure is a UsageError (the job
+    has printed why)."""
+    if subprocess.run([sys.executable, str(Path(__file__).resolve().parent / script), *arguments],
+                      check=False).returncode:
+        raise utils.UsageError(f"{script} failed (its message is above)")
+
+
+def train_recipe_if_missing(args: argparse.Namespace, vqvae_run: str, prior_flags: Sequence[str],
+                            vqvae_flags: Sequence[str] = CPU_VQVAE_FLAGS, need_prior: bool = True) -> None:
+    """For a benchmark: the CPU recipe's VQ-VAE on args.data and its transformer prior, each unless args.vqvae and
+    args.prior name one, kept as <vqvae_run>.pth and <vqvae_run>-prior.pth in args.checkpoint_dir (and found there
+    by the next run). prior_flags add to the recipe's (which classes, conditional or not); need_prior=False: no
+    prior."""
+    runs = {"checkpoint-dir": args.checkpoint_dir, "resources-dir": args.checkpoint_dir, "cache-dir": args.cache_dir}
+    common = [item for name, value in runs.items() for item in (f"--{name}", value)]
+    if args.vqvae is None:
+        args.vqvae = str(Path(args.checkpoint_dir) / f"{vqvae_run}.pth")
+        if not Path(args.vqvae).exists():
+            run_job("train.py", ["--data", args.data, *vqvae_flags, "--run-name", vqvae_run, *common])
+    if args.prior is None and need_prior:
+        args.prior = str(Path(args.checkpoint_dir) / f"{vqvae_run}-prior.pth")
+        if not Path(args.prior).exists():
+            run_job("train_prior.py", ["-m", args.vqvae, *prior_flags, *CPU_PRIOR_FLAGS, "--run-name",
+                                       f"{vqvae_run}-prior", *common])
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, epochs: int, batch_size: int,

@@ -179,10 +179,16 @@ class TransformerPrior(_Transformer, CodePrior):
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
                 condition: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(self.hidden_states(codes, labels, condition), codes.shape[1:])
+
+    def hidden_states(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
+                      condition: torch.Tensor | None = None, blocks: int | None = None) -> torch.Tensor:
+        """The hidden states [B, H W, C] after the first `blocks` blocks (all by default), in raster order: position
+        i has seen the codes before i (what iGPT's and ViT-VQGAN's linear probes read, averaged over positions)."""
         hidden = self._inputs(codes, labels, condition)
-        for block in self.blocks:
+        for block in self.blocks[:blocks]:
             hidden = block(hidden, causal=True)
-        return self.logits(hidden, codes.shape[1:])
+        return hidden
 
     @torch.inference_mode()
     def sample(self, batch_size: int, shape: tuple[int, int], labels: torch.Tensor | None = None,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ from anomalies import AnomalyConfig  # noqa: E402
 from dataset import load_split  # noqa: E402
 from lesions import KINDS, add_lesion  # noqa: E402
 from readers import Preprocessing  # noqa: E402
-from training import CPU_PRIOR_FLAGS, CPU_VQVAE_FLAGS  # noqa: E402
+from training import train_recipe_if_missing  # noqa: E402
 
 
 STATISTICS = ("mean intensity (no model)", "head area (no model)")
@@ -69,28 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=".cache/slices")
     parser.add_argument("--metrics-json", help="also write the headline numbers here")
     return parser
-
-
-def train_if_missing(args: argparse.Namespace) -> None:
-    """The CPU recipe's VQ-VAE on every training slice and its prior on the normal class, unless given (kept in
-    --checkpoint-dir, and found there by the next run)."""
-    runs = {"checkpoint-dir": args.checkpoint_dir, "resources-dir": args.checkpoint_dir, "cache-dir": args.cache_dir}
-    common = [item for name, value in runs.items() for item in (f"--{name}", value)]
-    if args.vqvae is None:
-        args.vqvae = str(Path(args.checkpoint_dir) / "anomaly-vqvae.pth")
-        if not Path(args.vqvae).exists():
-            run([str(ROOT / "train.py"), "--data", args.data, *CPU_VQVAE_FLAGS, "--run-name", "anomaly-vqvae",
-                 *common])
-    if args.prior is None:
-        args.prior = str(Path(args.checkpoint_dir) / "anomaly-vqvae-prior.pth")
-        if not Path(args.prior).exists():
-            run([str(ROOT / "train_prior.py"), "-m", args.vqvae, "--classes", args.normal_class, *CPU_PRIOR_FLAGS,
-                 "--run-name", "anomaly-vqvae-prior", *common])
-
-
-def run(command: list[str]) -> None:
-    if subprocess.run([sys.executable, *command], check=False).returncode:
-        raise utils.UsageError(f"{Path(command[0]).name} failed (its message is above)")
 
 
 class Scorer:
@@ -267,7 +244,7 @@ def draw_real(path: Path, restoration: anomalies.Restoration, maps: torch.Tensor
 def main() -> None:
     args = build_parser().parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    train_if_missing(args)
+    train_recipe_if_missing(args, "anomaly-vqvae", ["--classes", args.normal_class])
     device = utils.pick_device(args.device)
     prior, _, vqvae, vqvae_checkpoint = checkpoints.load_prior(args.prior, device, args.vqvae)
     anomalies.check_prior(prior, vqvae)

@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-JOBS = ("train", "train_prior", "predict", "extract_features", "anomaly")
+JOBS = ("train", "train_prior", "predict", "extract_features", "anomaly", "finetune")
 OUT = ROOT / "docs" / "OPTIONS.md"
 
 

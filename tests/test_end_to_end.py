@@ -123,7 +123,8 @@ def test_help_documents_every_option():
         assert option in result.stdout
 
 
-@pytest.mark.parametrize("script", ["train.py", "train_prior.py", "predict.py", "extract_features.py", "anomaly.py"])
+@pytest.mark.parametrize("script", ["train.py", "train_prior.py", "predict.py", "extract_features.py", "anomaly.py",
+                                    "finetune.py"])
 def test_every_option_is_documented_and_the_options_page_is_current(script: str):
     sys.path.insert(0, str(ROOT / "docs"))
     import options
@@ -158,7 +159,7 @@ def local_imports(path: Path) -> set[str]:
     return {name for name in names if (ROOT / f"{name}.py").exists()}
 
 
-JOBS = {"train", "train_prior", "predict", "extract_features", "anomaly"}
+JOBS = {"train", "train_prior", "predict", "extract_features", "anomaly", "finetune"}
 
 
 def test_jobs_and_benchmarks_import_only_the_library_and_the_library_has_no_circles():

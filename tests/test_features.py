@@ -9,6 +9,7 @@ import torch
 
 import checkpoints
 import extract_features
+import features
 import train
 from conftest import write_png
 from test_end_to_end import train_args
@@ -49,7 +50,7 @@ def test_features_file_holds_every_slice_and_every_set_has_its_documented_size(v
     sizes = {"bag": 32, "bag_grid": 9 * 32, "pooled": 2 * 8, "grid": 20 * 8,
              "latent": 2 * 8, "latent_grid": 20 * 8}  # K=32, D=8
     for name, size in sizes.items():
-        assert saved[name].shape == (count, size) == (count, extract_features.feature_size(name, config)), name
+        assert saved[name].shape == (count, size) == (count, features.feature_size(name, config)), name
     assert saved["pixels"].shape == (count, 8 * 8)  # pooled to the 8x8 code map
     np.testing.assert_allclose(saved["bag"].sum(1), 1, atol=1e-5)
     np.testing.assert_allclose(saved["bag_grid"].reshape(count, 9, 32).sum(2), 1, atol=1e-5)  # a histogram per cell
@@ -66,8 +67,8 @@ def test_probe_learns_a_trivially_separable_set(vqvae_and_data, tmp_path: Path, 
     checkpoint, _ = vqvae_and_data
     metrics = tmp_path / "probe.json"
     fits = []
-    fit = extract_features.probe_accuracy
-    monkeypatch.setattr(extract_features, "probe_accuracy", lambda *args: fits.append(len(args[0])) or fit(*args))
+    fit = features.probe_predictions
+    monkeypatch.setattr(features, "probe_predictions", lambda *args: fits.append(len(args[0])) or fit(*args))
     results = extract_features.main(["-m", checkpoint, "--out", str(tmp_path / "f.npz"), "--probe",
                                      "--fractions", "20", "100", "--seeds", "2", "--features", "grid", "bag+pooled",
                                      "--metrics-json", str(metrics), "--cache-dir", str(tmp_path / "cache"),
@@ -84,7 +85,7 @@ def test_probe_learns_a_trivially_separable_set(vqvae_and_data, tmp_path: Path, 
 
 def test_label_draws_change_with_the_seed_and_repeat_with_it():
     labels = torch.tensor([0] * 100 + [1] * 100)
-    draws = [extract_features.balanced_subset(labels, 10, ["a", "b"], seed) for seed in (0, 0, 1)]
+    draws = [features.balanced_subset(labels, 10, ["a", "b"], seed) for seed in (0, 0, 1)]
     assert torch.equal(draws[0], draws[1]) and set(draws[0].tolist()) != set(draws[2].tolist())
 
 
@@ -92,11 +93,11 @@ def test_cross_validation_picks_the_penalty_the_data_need():
     generator = torch.Generator().manual_seed(0)
     labels = torch.tensor([0, 1] * 20)
     separable = torch.randn(40, 5, generator=generator) + 4 * labels[:, None].float()  # far apart: barely any
-    picked = extract_features.cross_validated_penalty(separable, labels, 2, torch.Generator().manual_seed(0))
-    assert picked == min(extract_features.PENALTIES)  # penalty lets the probe grow sure, and it should
+    picked = features.cross_validated_penalty(separable, labels, 2, torch.Generator().manual_seed(0))
+    assert picked == min(features.PENALTIES)  # penalty lets the probe grow sure, and it should
     noise = torch.randn(40, 30, generator=generator)  # labels unrelated to the features: only shrinking helps
-    picked = extract_features.cross_validated_penalty(noise, labels, 2, torch.Generator().manual_seed(0))
-    assert picked == max(extract_features.PENALTIES)
+    picked = features.cross_validated_penalty(noise, labels, 2, torch.Generator().manual_seed(0))
+    assert picked == max(features.PENALTIES)
 
 
 def test_unknown_feature_sets_are_a_clear_error(vqvae_and_data):
@@ -107,11 +108,11 @@ def test_unknown_feature_sets_are_a_clear_error(vqvae_and_data):
 
 def test_balanced_subset_takes_the_fraction_of_every_class():
     labels = torch.tensor([0] * 150 + [1] * 30)
-    subset = extract_features.balanced_subset(labels, 10, ["a", "b"], seed=0)
+    subset = features.balanced_subset(labels, 10, ["a", "b"], seed=0)
     assert (labels[subset] == 0).sum() == 15 and (labels[subset] == 1).sum() == 3
-    assert torch.equal(subset, extract_features.balanced_subset(labels, 10, ["a", "b"], seed=0))
+    assert torch.equal(subset, features.balanced_subset(labels, 10, ["a", "b"], seed=0))
     with pytest.raises(UsageError, match="class 'b' has 30 training slices: 1% of them is less than one"):
-        extract_features.balanced_subset(labels, 1, ["a", "b"], seed=0)
+        features.balanced_subset(labels, 1, ["a", "b"], seed=0)
 
 
 def test_probe_without_class_folders_is_a_clear_error(hipmri_dir: Path, tmp_path: Path):
@@ -131,24 +132,24 @@ def test_bag_of_codes_of_a_large_codebook_is_counted_without_a_one_hot(tmp_path:
                               embedding_dim=4)).eval()
     images = torch.randint(0, 256, (512, 1, 256, 128), dtype=torch.uint8)
     slices = SliceSet(images, torch.full((512,), -1), [f"{i}" for i in range(512)], [], "train", "key")
-    features = extract_features.split_features(model, slices, torch.device("cpu"), str(tmp_path), batch_size=64)
-    assert features.sets["bag"].shape == (512, 4096) and features.sets["pixels"].shape == (512, 64 * 32)
-    assert features.sets["bag_grid"].shape == (512, 9 * 4096)
-    codes = features.codes[0].long().flatten(1)
+    computed = features.split_features(model, slices, torch.device("cpu"), str(tmp_path), batch_size=64)
+    assert computed.sets["bag"].shape == (512, 4096) and computed.sets["pixels"].shape == (512, 64 * 32)
+    assert computed.sets["bag_grid"].shape == (512, 9 * 4096)
+    codes = computed.codes[0].long().flatten(1)
     for row in (0, 511):
         expected = torch.bincount(codes[row], minlength=4096).float() / codes.shape[1]
-        torch.testing.assert_close(features.sets["bag"][row], expected)
+        torch.testing.assert_close(computed.sets["bag"][row], expected)
 
 
 def test_bags_on_the_grid_count_each_cell():
     codes = torch.randint(0, 16, (3, 6, 4), generator=torch.Generator().manual_seed(0))
-    quadrants = extract_features.bags_on_grid(codes, 16, cells_per_side=2).view(3, 4, 16)
+    quadrants = features.bags_on_grid(codes, 16, cells_per_side=2).view(3, 4, 16)
     cell = codes[1, 3:, :2].flatten()  # the bottom-left cell of the second map, in row-major cell order
     torch.testing.assert_close(quadrants[1, 2], torch.bincount(cell, minlength=16).float() / 6)
-    whole = extract_features.bags_on_grid(codes, 16, cells_per_side=1)
+    whole = features.bags_on_grid(codes, 16, cells_per_side=1)
     torch.testing.assert_close(quadrants.mean(1), whole)
     torch.testing.assert_close(whole, torch.stack([torch.bincount(c.flatten(), minlength=16) / 24. for c in codes]))
-    thirds = extract_features.bags_on_grid(codes, 16, cells_per_side=3).view(3, 9, 16)  # uneven: rows 2+2+2, cols 2+1+1
+    thirds = features.bags_on_grid(codes, 16, cells_per_side=3).view(3, 9, 16)  # uneven: rows 2+2+2, cols 2+1+1
     torch.testing.assert_close(thirds[2, 5], torch.bincount(codes[2, 2:4, 3:].flatten(), minlength=16).float() / 2)
 
 
@@ -164,7 +165,7 @@ def test_each_slice_s_features_are_its_own_whatever_the_batch(tmp_path: Path):
     images = torch.randint(0, 256, (10, 1, 32, 32), dtype=torch.uint8)
     images[5:] //= 4  # a dark half: its latents lie elsewhere than the bright half's
     slices = SliceSet(images, torch.full((10,), -1), [f"{i}" for i in range(10)], [], "train", "key")
-    whole, split = (extract_features.split_features(model, slices, torch.device("cpu"), str(tmp_path / f"{batch}"),
+    whole, split = (features.split_features(model, slices, torch.device("cpu"), str(tmp_path / f"{batch}"),
                                                     batch_size=batch) for batch in (10, 3))
     assert set(whole.sets) == set(split.sets)
     for name in whole.sets:
