@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules import Encoder, VQVAEConfig
+from modules import VQVAEConfig, make_encoder
 from utils import Config, UsageError, option
 
 TRUNKS = ("encoder", "cnn")
@@ -67,8 +67,8 @@ class Classifier(nn.Module):
         super().__init__()
         self.config = config
         if config.trunk == "encoder":
-            self.trunk = Encoder(VQVAEConfig.from_dict(config.vqvae))
-            width = VQVAEConfig.from_dict(config.vqvae).embedding_dim
+            vqvae = VQVAEConfig.from_dict(config.vqvae)
+            self.trunk, width = make_encoder(vqvae), vqvae.embedding_dim
         else:
             self.trunk = SmallCNN(config.in_channels, config.cnn_widths)
             width = self.trunk.out_channels

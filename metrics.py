@@ -55,6 +55,28 @@ def mae_per_image(images: torch.Tensor, references: torch.Tensor) -> torch.Tenso
     return (images.float() - references.float()).abs().flatten(1).mean(dim=1)
 
 
+def seam_jumps(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """Sums and counts of the absolute differences between neighbouring pixels (or voxels), those that straddle the
+    border of two p-sided patches apart from those inside one: [across sum, across count, inside sum, inside
+    count], along every spatial axis."""
+    totals = torch.zeros(4, device=images.device)
+    for dim in range(2, images.ndim):
+        jumps = images.float().diff(dim=dim).abs().movedim(dim, -1)  # jump i lies between pixels i and i + 1
+        across = torch.arange(jumps.shape[-1], device=jumps.device) % patch == patch - 1
+        per_jump = jumps.numel() // max(jumps.shape[-1], 1)
+        totals += torch.stack([jumps[..., across].sum(), across.sum() * per_jump,
+                               jumps[..., ~across].sum(), (~across).sum() * per_jump]).float()
+    return totals
+
+
+def seam_ratio(jumps: torch.Tensor) -> float:
+    """From seam_jumps: how much larger the mean jump across patch borders is than inside patches. About 1 for
+    images without seams (their jumps do not care where the grid falls), above 1 where each patch was made on its
+    own (a ViT decoder's linear pixel head)."""
+    across, inside = jumps[0] / jumps[1].clamp_min(1), jumps[2] / jumps[3].clamp_min(1)
+    return float(across / inside.clamp_min(1e-12))
+
+
 def codebook_usage(code_counts: torch.Tensor) -> float:
     """Fraction of the codebook used at least once in the counted codes."""
     return (code_counts > 0).float().mean().item()
@@ -80,6 +102,7 @@ def evaluate_vqvae(model: VQVAE | VQVAE2, loader, description: str = "validate",
     model.eval()
     device = loader.device
     sums = torch.zeros(4, device=device)  # loss, ssim, psnr, mae
+    seams = torch.zeros(2, 4, device=device)  # seam_jumps of the reconstructions and of the images
     count, ssims = 0, []
     code_counts = torch.zeros(len(model.levels), model.config.num_embeddings, device=device)
     for images, _ in progress_bar(loader, desc=description, unit="batch"):
@@ -90,14 +113,18 @@ def evaluate_vqvae(model: VQVAE | VQVAE2, loader, description: str = "validate",
         loss = F.mse_loss(reconstruction, images, reduction="none").flatten(1).mean(dim=1) + ssim_weight * (1 - ssim)
         sums += torch.stack([(loss + vq_loss).sum(), ssim.sum(), psnr_per_image(reconstruction, images).sum(),
                              mae_per_image(reconstruction, images).sum()])
+        seams += torch.stack([seam_jumps(reconstruction, model.config.scale), seam_jumps(images, model.config.scale)])
         count += len(images)
         ssims.append(ssim)
         code_counts += level_code_counts(codes, model.config.num_embeddings)
-    totals = all_reduce_sum(torch.cat([sums, torch.tensor([float(count)], device=device), code_counts.flatten()]))
+    totals = all_reduce_sum(torch.cat([sums, torch.tensor([float(count)], device=device), seams.flatten(),
+                                       code_counts.flatten()]))
     loss, ssim_sum, psnr, mae, total = totals[:5].tolist()
-    code_counts = totals[5:].view_as(code_counts)
+    seams, code_counts = totals[5:13].view(2, 4), totals[13:].view_as(code_counts)
     total = max(total, 1.0)
+    # seams: the reconstructions' ratio over the images' own, so 1 means no more seams than the data has
     return {"loss": loss / total, "ssim": ssim_sum / total, "psnr": psnr / total, "mae": mae / total,
+            "seam_ratio": seam_ratio(seams[0]) / max(seam_ratio(seams[1]), 1e-12),
             "ssim_per_image": torch.cat(ssims).cpu() if ssims else torch.zeros(0),
             **code_use(code_counts, model.levels), "code_counts": code_counts.cpu()}
 

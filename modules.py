@@ -1,5 +1,6 @@
 """The VQ-VAE networks: Encoder, VectorQuantizer and Decoder, the one-level VQVAE and the two-level VQVAE2 that
-join them, and the config dataclass that describes them. One definition serves 2D and 3D (spatial_dims)."""
+join them, and the config dataclass that describes them. One definition serves 2D and 3D (spatial_dims); a one-level
+2D model may take vit.py's transformer encoder and decoder instead of the convolutional ones (architecture)."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import Config, option
+from utils import Config, UsageError, option
+from vit import PIXEL_HEADS, ViTDecoder, ViTEncoder
+
+ARCHITECTURES = ("conv", "vit")
 
 
 @dataclass
@@ -48,9 +52,32 @@ class VQVAEConfig(Config):
     spatial_dims: int = option(2, "2: 2D slices (3D files are cut into slices); 3: whole 3D NIfTI volumes, brought "
                                "to RAS orientation and fitted in physical proportion (voxel spacing from the header)",
                                choices=(2, 3))
+    architecture: str = option("conv", "the encoder and decoder: conv, strided convolutions and residual stacks; vit, "
+                               "a vision transformer over patches of 2**downsamples pixels (ViT-VQGAN; 2D, one level)",
+                               choices=ARCHITECTURES)
+    vit_width: int = option(256, "vit: width of the tokens and of every block")
+    vit_depth: int = option(4, "vit: transformer blocks in the encoder, and as many in the decoder")
+    vit_heads: int = option(8, "vit: attention heads (--vit-width must divide by them)")
+    vit_mlp_ratio: float = option(4.0, "vit: each block's MLP width, in multiples of --vit-width")
+    vit_pixel_head: str = option("conv", "vit: the decoder's way from tokens to pixels: linear, each token to its own "
+                                 "patch; conv, each token to 16 features a pixel, then two 3x3 convolutions across "
+                                 "the patch borders (against seams)", choices=PIXEL_HEADS)
 
     LEGACY: ClassVar[dict] = {"code_distance": "euclidean", "lookup_dim": 0, "estimator": "straight_through",
-                              "levels": 1, "spatial_dims": 2, "top_image_weight": 0.0}
+                              "levels": 1, "spatial_dims": 2, "top_image_weight": 0.0, "architecture": "conv"}
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise UsageError(f"--architecture {self.architecture}: one of {', '.join(ARCHITECTURES)}")
+        if self.architecture != "vit":
+            return
+        if self.spatial_dims != 2:
+            raise UsageError("--architecture vit models 2D slices: 3D volumes train with --architecture conv")
+        if self.levels != 1:
+            raise UsageError("--architecture vit has one level of codes: --levels 2 trains with --architecture conv")
+        if self.vit_width % self.vit_heads or self.vit_width % 4:
+            raise UsageError(f"--vit-width {self.vit_width} does not divide by --vit-heads {self.vit_heads} and by 4 "
+                             "(the 2D positions' sines and cosines)")
 
     @property
     def scale(self) -> int:
@@ -226,6 +253,22 @@ class Decoder(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.layers(latents)
+
+
+def make_encoder(config: VQVAEConfig) -> nn.Module:
+    """A one-level model's encoder, images -> latents [B, D, *S / scale], of the config's architecture."""
+    if config.architecture == "vit":
+        return ViTEncoder(config.in_channels, config.scale, config.vit_width, config.vit_depth, config.vit_heads,
+                          config.vit_mlp_ratio, config.embedding_dim)
+    return Encoder(config)
+
+
+def make_decoder(config: VQVAEConfig) -> nn.Module:
+    """make_encoder's mirror, latents -> images."""
+    if config.architecture == "vit":
+        return ViTDecoder(config.embedding_dim, config.scale, config.vit_width, config.vit_depth, config.vit_heads,
+                          config.vit_mlp_ratio, config.in_channels, config.vit_pixel_head)
+    return Decoder(config)
 
 
 class VectorQuantizer(nn.Module):
@@ -439,9 +482,9 @@ class VQVAE(_CodeLevels):
     def __init__(self, config: VQVAEConfig):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
+        self.encoder = make_encoder(config)
         self.quantizer = make_quantizer(config)
-        self.decoder = Decoder(config)
+        self.decoder = make_decoder(config)
 
     @property
     def quantizers(self) -> list[VectorQuantizer]:

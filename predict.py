@@ -92,15 +92,14 @@ def main(argv: list[str] | None = None) -> dict:
     ssim = results["ssim_per_image"]
     use = {key: value for key, value in results.items() if key.startswith(("codebook_usage", "perplexity"))}
     report = {"ssim_mean": ssim.mean().item(), "ssim_min": ssim.min().item(), "ssim_max": ssim.max().item(),
-               "psnr_mean": results["psnr"], "mae_mean": results["mae"], **use, "num_images": len(slices),
-               "split": split}
+               "psnr_mean": results["psnr"], "mae_mean": results["mae"], "seam_ratio": results["seam_ratio"], **use,
+               "num_images": len(slices), "split": split}
     code_use = "; ".join(f"{label}codebook usage {report['codebook_usage' + suffix]:.3f} (perplexity "
                          f"{report['perplexity' + suffix]:.1f} of {model.config.num_embeddings})"
                          for suffix, label in metrics.level_names(model.levels))
     print(f"{split} split, {len(slices)} {items}: {'3D ' if dims == 3 else ''}SSIM mean {report['ssim_mean']:.4f} "
           f"(min {report['ssim_min']:.4f}, max {report['ssim_max']:.4f}) | PSNR {report['psnr_mean']:.2f} dB | "
-          f"MAE {report['mae_mean']:.4f} | "
-          f"{code_use}")
+          f"MAE {report['mae_mean']:.4f} | seams {report['seam_ratio']:.2f} (1 = as the images) | {code_use}")
     if args.metrics_json:
         utils.write_json(args.metrics_json, report)
     if reconstructions_dir is not None:

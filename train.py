@@ -36,6 +36,8 @@ DEFAULT_DEMO_DIR = "data/demo"
 RECONSTRUCTION_EXAMPLES = {2: 6, 3: 2}  # slices, or volumes (each shown in three planes)
 # The demo's own size: the CPU recipe's widths and 10 epochs, so that `python train.py` takes minutes on a laptop
 DEMO_SIZE = {"hidden_channels": 64, "residual_channels": 32, "epochs": 10}
+# A ViT demo: the best ViT of 3 CPU minutes on brain MRI (docs/RESULTS.md), not the GPU-sized default
+DEMO_VIT_SIZE = {"vit_width": 128, "vit_depth": 2, "vit_heads": 4, "lr": 3e-3, "epochs": 10}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.resume:
         args, resumed = resume_settings(args, argv)
     elif args.data is None:
-        training.demo_sized(args, argv, build_parser(), DEMO_SIZE, say)
+        training.demo_sized(args, argv, build_parser(), DEMO_VIT_SIZE if args.architecture == "vit" else DEMO_SIZE,
+                            say)
     args.batch_size = training.per_process_batch(args, utils.launched_world_size())
     utils.seed_everything(args.seed)
     device = utils.training_device(args.device)

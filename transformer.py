@@ -47,14 +47,16 @@ class MaskedConfig(TransformerConfig):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x)) (GELU, 4x wide)."""
+    """Pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x)) (GELU, mlp_ratio x wide). The
+    priors' and the ViT encoder's and decoder's (vit.py)."""
 
-    def __init__(self, width: int, heads: int, dropout: float):
+    def __init__(self, width: int, heads: int, dropout: float, mlp_ratio: float = 4.0):
         super().__init__()
         self.heads = heads
         self.attention_norm, self.mlp_norm = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        hidden = round(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
         self.residual_dropout = nn.Dropout(dropout)
 
     def _split(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -105,7 +107,7 @@ class _Transformer(nn.Module):
             self.condition_embedding = nn.Embedding(config.condition_embeddings, width)
             self.condition_network = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
                                                    nn.Conv2d(width, width, 3, padding=1))
-        self.apply(_initialise)
+        self.apply(initialise_weights)
 
     def positions(self, shape: Sequence[int]) -> torch.Tensor:
         """Each position's embedding [H W, C] in raster order: its row's plus its column's."""
@@ -154,7 +156,7 @@ class _Transformer(nn.Module):
         return self.head(self.norm(hidden)).transpose(1, 2).reshape(len(hidden), -1, *shape)
 
 
-def _initialise(module: nn.Module) -> None:
+def initialise_weights(module: nn.Module) -> None:
     """GPT-2's initialisation: normal(0, 0.02) weights, zero biases."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=0.02)

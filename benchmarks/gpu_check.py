@@ -9,6 +9,8 @@ Steps, each in a process of its own (a failing step is reported and the next one
   3. train        128x128 brain MRI, --epochs 30 --time-limit 120: epochs reached, validation SSIM
   4. sampling     benchmarks/sampling.py: 1,000 maps of 16x16 codes from each prior kind
   5. torchrun     torchrun --nproc_per_node=1 with NCCL for a few steps, then that run resumed on the CPU
+  6. architectures  the default conv and ViT (--architecture vit) models at 256x128, batch 16: images per second,
+                 peak memory, parameters
 Each step prints one line of numbers; all of them go to --out as JSON. Targets: training at least 2x MONAI's images
 per second at the matched size, 1,000 samples of 16x16 codes from the default prior in under 2 s, no step failing.
 Exit status 1 when a step failed.
@@ -94,6 +96,22 @@ def speed(args: argparse.Namespace, work: Path) -> dict:
     return result
 
 
+def architectures(args: argparse.Namespace, work: Path) -> dict:
+    """Images per second, peak memory and parameters of the default conv and ViT models at HipMRI's 256x128."""
+    size = ["--image-size", "32", "16", "--batch-size", "2", "--steps", "1", "--warmup", "1"] if args.smoke else \
+        ["--image-size", "256", "128", "--batch-size", "16", "--steps", "30", "--warmup", "5"]
+    result = {"ok": True}
+    for architecture in ("conv", "vit"):
+        status, output = run(python("benchmarks/speed.py", *size, "--device", args.device, "--defaults",
+                                    "--vqvae-flags", "--architecture", architecture), args.step_timeout)
+        values = numbers(output, ["images_per_s", "peak_mb", "parameters"])
+        result[architecture] = values
+        result["ok"] &= status == 0 and bool(values)
+        if status:
+            result["tail"] = output[-1500:]
+    return result
+
+
 def tiny_classes(folder: Path) -> Path:
     """A few generated slices in two class folders: data for a smoke run."""
     from PIL import Image
@@ -153,7 +171,8 @@ def torchrun(args: argparse.Namespace, work: Path) -> dict:
             "tail": output[-1500:] if status else ""}
 
 
-STEPS = {"cuda_tests": cuda_tests, "speed": speed, "train": train_run, "sampling": sampling, "torchrun": torchrun}
+STEPS = {"cuda_tests": cuda_tests, "speed": speed, "train": train_run, "sampling": sampling, "torchrun": torchrun,
+         "architectures": architectures}
 
 
 def summary(name: str, result: dict) -> str:

@@ -3,7 +3,7 @@
     python benchmarks/quality.py --data DIR --image-size 64 --time-limit 180
 
 Every option of train.py is accepted and passed on to it (it runs as a process of its own); the last line reads
-    val_ssim=<x> val_psnr=<x> val_mae=<x> perplexity=<x> codebook_usage=<x> epochs=<n> steps=<n> seconds=<s>
+    val_ssim=<x> val_psnr=<x> val_mae=<x> val_seam_ratio=<x> perplexity=<x> codebook_usage=<x> epochs=<n> steps=<n> seconds=<s>
 with perplexity_top=, perplexity_bottom=, codebook_usage_top=, ... for two-level models.
 """
 from __future__ import annotations
@@ -44,7 +44,8 @@ def main() -> None:
     best = checkpoints.load_checkpoint(checkpoint, expected_kind="vqvae")["metrics"]
     use = " ".join(f"{key[4:]}={float(value):.3f}" for key, value in best.items()
                    if key.startswith(("val_perplexity", "val_codebook_usage")))  # per level for two levels
-    print(f"val_ssim={best['val_ssim']:.4f} val_psnr={best['val_psnr']:.2f} val_mae={best['val_mae']:.4f} {use} "
+    seams = f"val_seam_ratio={float(best['val_seam_ratio']):.3f} " if "val_seam_ratio" in best else ""
+    print(f"val_ssim={best['val_ssim']:.4f} val_psnr={best['val_psnr']:.2f} val_mae={best['val_mae']:.4f} {seams}{use} "
           f"epochs={best['epoch']} steps={best['step']} seconds={best['seconds']:.0f}")
 
 

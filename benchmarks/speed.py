@@ -7,8 +7,9 @@ memory is its own. MONAI is an optional benchmark dependency only (`pip install 
     python benchmarks/speed.py --image-size 128 --batch-size 64 --device cpu --steps 10
     python benchmarks/speed.py --image-size 128 --batch-size 64 --device cuda --steps 100 --compile
     python benchmarks/speed.py --image-size 256 128 --defaults --steps 10      # the default model at HipMRI size
+    python benchmarks/speed.py --image-size 256 128 --batch-size 16 --defaults --vqvae-flags --architecture vit
 
-Last line: images_per_s=<x> monai_images_per_s=<y> ratio=<x/y>
+Last line: images_per_s=<x> monai_images_per_s=<y> ratio=<x/y> peak_mb=<ours> parameters=<ours>
 """
 from __future__ import annotations
 
@@ -29,12 +30,21 @@ import utils  # noqa: E402
 MATCHED = {"downsamples": 2, "hidden": 128, "residual_layers": 2, "num_embeddings": 512, "embedding_dim": 64}
 
 
-def build(which: str) -> tuple[torch.nn.Module, callable]:
+def default_config(flags: list[str]):
+    """train.py's VQ-VAE config: its defaults, changed by the --vqvae-flags given."""
+    from modules import VQVAEConfig
+
+    parser = argparse.ArgumentParser(prog="--vqvae-flags")
+    utils.add_config_arguments(parser, VQVAEConfig)
+    return utils.config_from_args(VQVAEConfig, parser.parse_args(flags))
+
+
+def build(which: str, flags: list[str]) -> tuple[torch.nn.Module, callable]:
     """The model and a function images -> (reconstruction, quantization loss)."""
     if which in ("ours", "defaults"):
         from modules import VQVAE, VQVAEConfig
 
-        model = VQVAE(VQVAEConfig() if which == "defaults" else VQVAEConfig(
+        model = VQVAE(default_config(flags) if which == "defaults" else VQVAEConfig(
             hidden_channels=MATCHED["hidden"], residual_channels=MATCHED["hidden"],
             num_residual_layers=MATCHED["residual_layers"], downsamples=MATCHED["downsamples"],
             num_embeddings=MATCHED["num_embeddings"], embedding_dim=MATCHED["embedding_dim"]))
@@ -57,7 +67,8 @@ def build(which: str) -> tuple[torch.nn.Module, callable]:
 def measure(which: str, args: argparse.Namespace, results) -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model, step = build(which)
+    model, step = build(which, args.vqvae_flags)
+    parameters = sum(p.numel() for p in model.parameters())
     precision = utils.resolve_precision(args.precision, device)
     model = model.to(device, memory_format=torch.channels_last)
     module = torch.compile(model) if args.compile else model
@@ -88,7 +99,7 @@ def measure(which: str, args: argparse.Namespace, results) -> None:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak resident set
-    results[which] = (args.steps * args.batch_size / (time.perf_counter() - start), peak_mb)
+    results[which] = (args.steps * args.batch_size / (time.perf_counter() - start), peak_mb, parameters)
 
 
 def main() -> None:
@@ -104,7 +115,11 @@ def main() -> None:
     parser.add_argument("--no-monai", action="store_true", help="measure this repository's model only")
     parser.add_argument("--defaults", action="store_true",
                         help="this repository's default model instead of the size matched to MONAI's (no MONAI)")
+    parser.add_argument("--vqvae-flags", nargs=argparse.REMAINDER, default=[],
+                        help="with --defaults, last: train.py's model options, e.g. --architecture vit --vit-width 128")
     args = parser.parse_args()
+    if args.vqvae_flags and not args.defaults:
+        parser.error("--vqvae-flags change the default model: give --defaults too")
     try:
         import monai  # noqa: F401
 
@@ -122,15 +137,17 @@ def main() -> None:
         process.join()
         if which not in results:
             raise SystemExit(f"the {which} measurement failed")
-        images_per_s, peak_mb = results[which]
+        images_per_s, peak_mb, parameters = results[which]
         memory = "GPU memory" if args.device.startswith("cuda") else "process memory"
         size = "x".join(map(str, args.image_size * 2 if len(args.image_size) == 1 else args.image_size))
-        print(f"{which:>5}: {images_per_s:8.1f} images/s, peak {memory} {peak_mb:,.0f} MB "
+        print(f"{which:>5}: {parameters / 1e6:.2f}M parameters, {images_per_s:8.1f} images/s, peak {memory} "
+              f"{peak_mb:,.0f} MB "
               f"({size}, batch {args.batch_size}, {args.device}, "
               f"{utils.resolve_precision(args.precision, torch.device(args.device))})")
-    ours = results[models[0]][0]
+    ours, peak_mb, parameters = results[models[0]]
     theirs = results["monai"][0] if "monai" in results else float("nan")
-    print(f"images_per_s={ours:.1f} monai_images_per_s={theirs:.1f} ratio={ours / theirs:.2f}")
+    print(f"images_per_s={ours:.1f} monai_images_per_s={theirs:.1f} ratio={ours / theirs:.2f} peak_mb={peak_mb:.0f} "
+          f"parameters={parameters}")
 
 
 if __name__ == "__main__":

@@ -62,12 +62,14 @@ def test_the_gpu_check_runs_every_step_shrunk_on_the_cpu(tmp_path: Path):
                             capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert {"cuda_tests", "speed", "train", "sampling", "torchrun"} <= set(report)
-    assert all(report[step]["ok"] for step in ("cuda_tests", "speed", "train", "sampling", "torchrun"))
+    steps = ("cuda_tests", "speed", "train", "sampling", "torchrun", "architectures")
+    assert set(steps) <= set(report) and all(report[step]["ok"] for step in steps)
     assert report["cuda_tests"]["passed"] >= 3 and set(report["sampling"]["seconds"]) == {"pixelcnn", "transformer",
                                                                                           "masked"}
     assert report["torchrun"]["steps_after_resume_on_cpu"] == 5 and 0 <= report["train"]["val_ssim"] <= 1
-    assert result.stdout.strip().splitlines()[-1].startswith("steps=5 failed=none")
+    vit, conv = report["architectures"]["vit"], report["architectures"]["conv"]
+    assert vit["images_per_s"] > 0 and vit["parameters"] != conv["parameters"]
+    assert result.stdout.strip().splitlines()[-1].startswith("steps=6 failed=none")
 
 
 def test_a_download_is_laid_out_as_the_manifest_says_and_what_is_missing_is_named(tmp_path: Path):

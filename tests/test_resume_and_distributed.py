@@ -169,11 +169,14 @@ def test_two_gloo_processes_hold_identical_codebooks(tmp_path: Path):
     assert spawn(quantizer_worker, tmp_path) == {0: True, 1: True}
 
 
-def ddp_worker(rank: int, store_file: str, results) -> None:
+TINY_DDP = {"hidden_channels": 16, "residual_channels": 8, "num_residual_layers": 1, "num_embeddings": 16,
+            "embedding_dim": 4}
+
+
+def ddp_worker(rank: int, store_file: str, results, settings: dict) -> None:
     join_gloo(rank, store_file)
     torch.manual_seed(rank)  # different weights on each rank, as after a k-means start on each rank's own batches
-    model = VQVAE(VQVAEConfig(hidden_channels=16, residual_channels=8, num_residual_layers=1, num_embeddings=16,
-                              embedding_dim=4))
+    model = VQVAE(VQVAEConfig(**TINY_DDP, **settings))
     model.quantizer.initialise(torch.randn(64, 4) + 3 * rank, kmeans_iterations=3)
     model.quantizer.cluster_size.add_(rank)  # and buffers that differ
     step_model = utils.wrap_distributed(model, torch.device("cpu"))
@@ -189,8 +192,9 @@ def ddp_worker(rank: int, store_file: str, results) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_keeps_one_model_and_codebook_buffers_included(tmp_path: Path):
-    assert spawn(ddp_worker, tmp_path) == {0: [], 1: []}
+@pytest.mark.parametrize("settings", [{}, {"architecture": "vit", "vit_width": 16, "vit_depth": 1, "vit_heads": 2}])
+def test_ddp_keeps_one_model_and_codebook_buffers_included(settings: dict, tmp_path: Path):
+    assert spawn(ddp_worker, tmp_path, settings) == {0: [], 1: []}
 
 
 def compiled_ddp_worker(rank: int, store_file: str, results) -> None:
