@@ -62,10 +62,11 @@ def seam_jumps(images: torch.Tensor, patch: int) -> torch.Tensor:
     totals = torch.zeros(4, device=images.device)
     for dim in range(2, images.ndim):
         jumps = images.float().diff(dim=dim).abs().movedim(dim, -1)  # jump i lies between pixels i and i + 1
-        across = torch.arange(jumps.shape[-1], device=jumps.device) % patch == patch - 1
-        per_jump = jumps.numel() // max(jumps.shape[-1], 1)
-        totals += torch.stack([jumps[..., across].sum(), across.sum() * per_jump,
-                               jumps[..., ~across].sum(), (~across).sum() * per_jump]).float()
+        # a 0/1 weight rather than a boolean index, which would wait for the GPU to count the chosen entries
+        across = (torch.arange(jumps.shape[-1], device=jumps.device) % patch == patch - 1).float()
+        across_sum, positions = (jumps * across).sum(), jumps.numel() // max(jumps.shape[-1], 1)
+        totals += torch.stack([across_sum, across.sum() * positions, jumps.sum() - across_sum,
+                               (jumps.shape[-1] - across.sum()) * positions])
     return totals
 
 

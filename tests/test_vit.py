@@ -107,6 +107,7 @@ def test_a_vit_run_trains_saves_and_rebuilds_itself_from_its_checkpoint(layout: 
     report = predict.main(["-m", result["checkpoint"], "--cache-dir", str(tmp_path / "cache"), "--resources-dir",
                            str(tmp_path / "res")])
     assert report["ssim_mean"] == pytest.approx(float(result["best"]["val_ssim"]), abs=0.2)
+    assert report["seam_ratio"] > 0 and float(result["best"]["val_seam_ratio"]) > 0  # every evaluation measures seams
     classifier = classifier_for("pretrained", saved, num_classes=2)  # its encoder is a few-label trunk too
     encoder_weights = {key[len("encoder."):]: value for key, value in saved["model"].items()
                        if key.startswith("encoder.")}
