@@ -81,35 +81,33 @@ def cuda_tests(args: argparse.Namespace, work: Path) -> dict:
     return {"ok": status == 0, **counts, "tail": output[-1500:] if status else ""}
 
 
-def speed(args: argparse.Namespace, work: Path) -> dict:
-    size = ["--image-size", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1"] if args.smoke else \
-        ["--image-size", "128", "--batch-size", "64", "--steps", "50", "--warmup", "10"]
+def speed_runs(args: argparse.Namespace, size: list[str], variants: dict[str, list[str]], keys: list[str]) -> dict:
+    """benchmarks/speed.py once per variant (its own flags after the size's), the numbers of each under its name."""
     result = {"ok": True}
-    for compiled in ([False] if args.smoke else [False, True]):  # compiling on a CPU takes a minute: not in a smoke
-        status, output = run(python("benchmarks/speed.py", *size, "--device", args.device,
-                                    *(["--compile"] if compiled else [])), args.step_timeout)
-        values = numbers(output, ["images_per_s", "monai_images_per_s", "ratio"])
-        result["compiled" if compiled else "eager"] = values
+    for name, flags in variants.items():
+        status, output = run(python("benchmarks/speed.py", *size, "--device", args.device, *flags), args.step_timeout)
+        values = numbers(output, keys)
+        result[name] = values
         result["ok"] &= status == 0 and bool(values)
         if status:
             result["tail"] = output[-1500:]
     return result
+
+
+def speed(args: argparse.Namespace, work: Path) -> dict:
+    size = ["--image-size", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1"] if args.smoke else \
+        ["--image-size", "128", "--batch-size", "64", "--steps", "50", "--warmup", "10"]
+    # compiling on a CPU takes a minute: not in a smoke run
+    variants = {"eager": []} if args.smoke else {"eager": [], "compiled": ["--compile"]}
+    return speed_runs(args, size, variants, ["images_per_s", "monai_images_per_s", "ratio"])
 
 
 def architectures(args: argparse.Namespace, work: Path) -> dict:
     """Images per second, peak memory and parameters of the default conv and ViT models at HipMRI's 256x128."""
     size = ["--image-size", "32", "16", "--batch-size", "2", "--steps", "1", "--warmup", "1"] if args.smoke else \
         ["--image-size", "256", "128", "--batch-size", "16", "--steps", "30", "--warmup", "5"]
-    result = {"ok": True}
-    for architecture in ("conv", "vit"):
-        status, output = run(python("benchmarks/speed.py", *size, "--device", args.device, "--defaults",
-                                    "--vqvae-flags", "--architecture", architecture), args.step_timeout)
-        values = numbers(output, ["images_per_s", "peak_mb", "parameters"])
-        result[architecture] = values
-        result["ok"] &= status == 0 and bool(values)
-        if status:
-            result["tail"] = output[-1500:]
-    return result
+    variants = {name: ["--defaults", "--vqvae-flags", "--architecture", name] for name in ("conv", "vit")}
+    return speed_runs(args, size, variants, ["images_per_s", "peak_mb", "parameters"])
 
 
 def tiny_classes(folder: Path) -> Path:

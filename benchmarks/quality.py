@@ -3,7 +3,8 @@
     python benchmarks/quality.py --data DIR --image-size 64 --time-limit 180
 
 Every option of train.py is accepted and passed on to it (it runs as a process of its own); the last line reads
-    val_ssim=<x> val_psnr=<x> val_mae=<x> val_seam_ratio=<x> perplexity=<x> codebook_usage=<x> epochs=<n> steps=<n> seconds=<s>
+    val_ssim=<x> val_psnr=<x> val_mae=<x> val_seam_ratio=<x> perplexity=<x> codebook_usage=<x> epochs=<n> steps=<n>
+    seconds=<s>   (one line)
 with perplexity_top=, perplexity_bottom=, codebook_usage_top=, ... for two-level models.
 """
 from __future__ import annotations

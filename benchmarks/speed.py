@@ -141,8 +141,7 @@ def main() -> None:
         memory = "GPU memory" if args.device.startswith("cuda") else "process memory"
         size = "x".join(map(str, args.image_size * 2 if len(args.image_size) == 1 else args.image_size))
         print(f"{which:>5}: {parameters / 1e6:.2f}M parameters, {images_per_s:8.1f} images/s, peak {memory} "
-              f"{peak_mb:,.0f} MB "
-              f"({size}, batch {args.batch_size}, {args.device}, "
+              f"{peak_mb:,.0f} MB ({size}, batch {args.batch_size}, {args.device}, "
               f"{utils.resolve_precision(args.precision, torch.device(args.device))})")
     ours, peak_mb, parameters = results[models[0]]
     theirs = results["monai"][0] if "monai" in results else float("nan")

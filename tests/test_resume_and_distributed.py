@@ -201,8 +201,7 @@ def compiled_ddp_worker(rank: int, store_file: str, results) -> None:
     """torch.compile over DDP: the quantizer's all-reduce and rank checks run inside the compiled forward."""
     join_gloo(rank, store_file)
     torch.manual_seed(rank)
-    model = VQVAE(VQVAEConfig(hidden_channels=16, residual_channels=8, num_residual_layers=1, num_embeddings=16,
-                              embedding_dim=4))
+    model = VQVAE(VQVAEConfig(**TINY_DDP))
     model.quantizer.initialise(torch.randn(64, 4) + 3 * rank, kmeans_iterations=3)
     step_model = torch.compile(utils.wrap_distributed(model, torch.device("cpu")))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
